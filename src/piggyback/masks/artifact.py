@@ -1,0 +1,407 @@
+"""The task artifact: everything one learned task needs, on top of a frozen backbone.
+
+One safetensors file per task: packed masks, the head, BN state when BN was trained for the
+task, full weights for the fine-tuning baseline, and JSON metadata. safetensors never
+executes code on load. A SHA-256 digest over metadata and tensors catches tampering and
+truncation; a fingerprint of the frozen backbone catches masks applied to other weights
+(which would otherwise give silent garbage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from piggyback.masks.packing import mask_kind, pack_mask, packed_size, unpack_mask
+from piggyback.nn.convert import masked_layers
+
+ARTIFACT_FORMAT = "piggyback-task"
+FORMAT_VERSION = 1
+METHODS: tuple[str, ...] = ("piggyback", "finetune", "classifier_only")
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+class ArtifactError(ValueError):
+    """An artifact cannot be read or does not fit the model it is applied to."""
+
+
+@dataclass
+class PackedMask:
+    """One layer's mask as stored: ``data`` is uint8, ``encoding`` says how to decode it."""
+
+    data: torch.Tensor
+    shape: tuple[int, ...]
+    kind: str = "binary"
+    encoding: str = "bits"
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, kind: str = "binary", encoding: str = "bits"):
+        if encoding == "bits":
+            data = pack_mask(mask, kind)
+        elif encoding == "rle":
+            if kind != "binary":
+                raise ValueError("compressed ('rle') encoding supports binary masks only")
+            from piggyback.masks.codec import compress_mask
+
+            data = torch.frombuffer(bytearray(compress_mask(mask)), dtype=torch.uint8)
+        else:
+            raise ValueError(f"unknown mask encoding {encoding!r}; choose 'bits' or 'rle'")
+        return cls(data=data, shape=tuple(mask.shape), kind=kind, encoding=encoding)
+
+    def unpack(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.encoding == "bits":
+            return unpack_mask(self.data, self.shape, self.kind, dtype)
+        if self.encoding == "rle":
+            from piggyback.masks.codec import decompress_mask
+
+            return decompress_mask(self.data.numpy().tobytes(), self.shape).to(dtype)
+        raise ArtifactError(f"unknown mask encoding {self.encoding!r} (newer piggyback?)")
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass
+class TaskArtifact:
+    """In-memory form of a task artifact file."""
+
+    task: str
+    num_classes: int
+    method: str
+    backbone: str
+    fingerprint: str
+    head: dict[str, torch.Tensor]
+    masks: dict[str, PackedMask] = field(default_factory=dict)
+    bn_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    class_names: list[str] | None = None
+    threshold_fn: str = "binarizer"
+    threshold: float = 5e-3
+    config: dict[str, Any] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_masked_weights(self) -> int:
+        return sum(m.numel for m in self.masks.values())
+
+    def unpacked_masks(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        return {name: m.unpack(dtype) for name, m in self.masks.items()}
+
+    def mask_bytes(self) -> int:
+        return sum(m.data.numel() for m in self.masks.values())
+
+    def task_bytes(self) -> int:
+        """Bytes this task adds on top of the shared backbone (tensor payload only)."""
+        tensors = [*self.head.values(), *self.bn_state.values(), *self.weights.values()]
+        return self.mask_bytes() + sum(t.numel() * t.element_size() for t in tensors)
+
+    def bits_per_masked_weight(self) -> float:
+        n = self.num_masked_weights
+        return 8.0 * self.mask_bytes() / n if n else 0.0
+
+    def build_head(self) -> nn.Linear:
+        weight = self.head["weight"]
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in self.head)
+        head.load_state_dict(self.head)
+        return head
+
+
+def fingerprint(backbone: nn.Module) -> str:
+    """SHA-256 of the frozen conv/linear weights and biases (names, shapes, dtypes, bytes).
+
+    Masks, heads and BN statistics are left out: they are what a task changes. Conv and
+    linear weights are what every task's masks are multiplied with.
+    """
+    digest = hashlib.sha256()
+    for name, module in backbone.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        for pname in ("weight", "bias"):
+            tensor = getattr(module, pname, None)
+            if tensor is None:
+                continue
+            t = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{name}.{pname}:{tuple(t.shape)}:{t.dtype};".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def bn_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Affine parameters and running statistics of every BatchNorm layer."""
+    state: dict[str, torch.Tensor] = {}
+    for name, module in backbone.named_modules():
+        if isinstance(module, _BN_TYPES):
+            for key, value in module.state_dict().items():
+                state[f"{name}.{key}"] = value.detach().clone()
+    return state
+
+
+def load_bn_state(backbone: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    modules = dict(backbone.named_modules())
+    for full_key, value in state.items():
+        name, _, key = full_key.rpartition(".")
+        module = modules.get(name)
+        if not isinstance(module, _BN_TYPES):
+            raise ArtifactError(
+                f"artifact has BN state for {name!r}, not a BatchNorm in this model"
+            )
+        target = module.state_dict()[key] if key in module.state_dict() else None
+        if target is None or target.shape != value.shape:
+            raise ArtifactError(f"BN state {full_key!r} does not fit this model")
+        with torch.no_grad():
+            target.copy_(value)
+
+
+def extract_artifact(
+    backbone: nn.Module,
+    head: nn.Linear,
+    *,
+    task: str,
+    backbone_name: str,
+    method: str = "piggyback",
+    backbone_fingerprint: str | None = None,
+    class_names: list[str] | None = None,
+    include_bn: bool = False,
+    config: dict[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    encoding: str = "bits",
+) -> TaskArtifact:
+    """Snapshot the task that ``backbone`` + ``head`` currently implement.
+
+    ``backbone_fingerprint`` must be the fingerprint of the *pretrained* weights; pass it for
+    ``finetune``, whose weights have moved (it defaults to the current weights).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    layers = list(masked_layers(backbone))
+    threshold_fn = layers[0][1].threshold_fn if layers else "binarizer"
+    threshold = layers[0][1].threshold if layers else 5e-3
+    masks = {}
+    if method == "piggyback":
+        if not layers:
+            raise ValueError("method 'piggyback' needs a masked backbone (see mask_model)")
+        kind = mask_kind(threshold_fn)
+        masks = {name: PackedMask.from_mask(layer.mask(), kind, encoding) for name, layer in layers}
+    weights = {}
+    if method == "finetune":
+        weights = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    return TaskArtifact(
+        task=task,
+        num_classes=head.out_features,
+        method=method,
+        backbone=backbone_name,
+        fingerprint=backbone_fingerprint or fingerprint(backbone),
+        head={k: v.detach().clone() for k, v in head.state_dict().items()},
+        masks=masks,
+        bn_state=bn_state_dict(backbone) if include_bn and method == "piggyback" else {},
+        weights=weights,
+        class_names=list(class_names) if class_names is not None else None,
+        threshold_fn=threshold_fn,
+        threshold=threshold,
+        config=config,
+        metrics=dict(metrics or {}),
+    )
+
+
+def _tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
+    tensors = {f"mask/{n}": m.data.contiguous() for n, m in artifact.masks.items()}
+    tensors.update({f"head/{k}": v.contiguous() for k, v in artifact.head.items()})
+    tensors.update({f"bn/{k}": v.contiguous() for k, v in artifact.bn_state.items()})
+    tensors.update({f"weights/{k}": v.contiguous() for k, v in artifact.weights.items()})
+    return {k: v.detach().to("cpu") for k, v in tensors.items()}
+
+
+def _meta(artifact: TaskArtifact) -> dict[str, Any]:
+    return {
+        "task": artifact.task,
+        "num_classes": artifact.num_classes,
+        "method": artifact.method,
+        "backbone": artifact.backbone,
+        "fingerprint": artifact.fingerprint,
+        "class_names": artifact.class_names,
+        "threshold_fn": artifact.threshold_fn,
+        "threshold": artifact.threshold,
+        "num_masked_weights": artifact.num_masked_weights,
+        "masks": {
+            n: {"shape": list(m.shape), "kind": m.kind, "encoding": m.encoding}
+            for n, m in artifact.masks.items()
+        },
+        "config": artifact.config,
+        "metrics": artifact.metrics,
+    }
+
+
+def _digest(meta_json: str, tensors: Mapping[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256(meta_json.encode())
+    for key in sorted(tensors):
+        t = tensors[key].contiguous()
+        digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def save_artifact(
+    artifact: TaskArtifact, path: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Write atomically (temp file + rename); refuse to replace a file unless ``overwrite``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors(artifact)
+    meta_json = json.dumps(_meta(artifact), sort_keys=True, default=str)
+    metadata = {
+        "format": ARTIFACT_FORMAT,
+        "version": str(FORMAT_VERSION),
+        "meta": meta_json,
+        "digest": _digest(meta_json, tensors),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails instead of clobbering a file created meanwhile
+            os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_artifact(path: str | os.PathLike) -> TaskArtifact:
+    """Read and verify an artifact; any damage raises :class:`ArtifactError`."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"task artifact {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types and OSError
+        raise ArtifactError(
+            f"{path} is not a readable piggyback task artifact (truncated or corrupt?): {exc}"
+        ) from None
+    if metadata.get("format") != ARTIFACT_FORMAT:
+        raise ArtifactError(f"{path} is a safetensors file but not a piggyback task artifact")
+    if int(metadata.get("version", "0")) > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} uses artifact format v{metadata['version']}; this piggyback reads up to "
+            f"v{FORMAT_VERSION}. Upgrade piggyback."
+        )
+    meta_json = metadata.get("meta", "")
+    if _digest(meta_json, tensors) != metadata.get("digest"):
+        raise ArtifactError(f"{path} failed its integrity check: the file was modified or damaged")
+    meta = json.loads(meta_json)
+
+    def group(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    packed = group("mask/")
+    masks = {
+        name: PackedMask(
+            data=packed[name],
+            shape=tuple(info["shape"]),
+            kind=info["kind"],
+            encoding=info["encoding"],
+        )
+        for name, info in meta["masks"].items()
+    }
+    return TaskArtifact(
+        task=meta["task"],
+        num_classes=meta["num_classes"],
+        method=meta["method"],
+        backbone=meta["backbone"],
+        fingerprint=meta["fingerprint"],
+        head=group("head/"),
+        masks=masks,
+        bn_state=group("bn/"),
+        weights=group("weights/"),
+        class_names=meta.get("class_names"),
+        threshold_fn=meta["threshold_fn"],
+        threshold=meta["threshold"],
+        config=meta.get("config"),
+        metrics=meta.get("metrics") or {},
+    )
+
+
+def check_fingerprint(artifact: TaskArtifact, backbone_fingerprint: str) -> None:
+    if artifact.fingerprint != backbone_fingerprint:
+        raise ArtifactError(
+            f"task {artifact.task!r} was learned on a backbone with different weights "
+            f"(artifact fingerprint {artifact.fingerprint[:12]}…, this backbone "
+            f"{backbone_fingerprint[:12]}…). Load the '{artifact.backbone}' weights the task "
+            "was trained on; masks applied to other weights give meaningless predictions."
+        )
+
+
+def apply_artifact(
+    backbone: nn.Module,
+    artifact: TaskArtifact,
+    *,
+    backbone_fingerprint: str | None = None,
+    pretrained_bn: Mapping[str, torch.Tensor] | None = None,
+) -> nn.Linear:
+    """Make ``backbone`` compute ``artifact``'s task; returns the task's head.
+
+    Pass a precomputed ``backbone_fingerprint`` when switching tasks often (hashing a
+    ResNet-50 costs ~0.1 s). ``pretrained_bn`` restores the shared BN statistics for tasks
+    that did not train their own BN.
+    """
+    check_fingerprint(artifact, backbone_fingerprint or fingerprint(backbone))
+    if artifact.method == "finetune":
+        try:
+            backbone.load_state_dict(artifact.weights)
+        except RuntimeError as exc:
+            raise ArtifactError(
+                f"fine-tuned weights of {artifact.task!r} do not fit: {exc}"
+            ) from None
+        return artifact.build_head()
+    layers = dict(masked_layers(backbone))
+    if artifact.method == "piggyback":
+        if set(layers) != set(artifact.masks):
+            missing = sorted(set(layers) ^ set(artifact.masks))[:5]
+            raise ArtifactError(
+                f"task {artifact.task!r} masks do not match this model's masked layers "
+                f"(differences: {missing}); was it trained with another backbone or exclude list?"
+            )
+        for name, layer in layers.items():
+            packed = artifact.masks[name]
+            if tuple(packed.shape) != tuple(layer.weight.shape):
+                raise ArtifactError(
+                    f"task {artifact.task!r}: mask for {name!r} has shape {packed.shape}, "
+                    f"the layer's weight has {tuple(layer.weight.shape)}"
+                )
+            if packed.encoding == "bits" and packed.data.numel() != packed_size(
+                packed.numel, packed.kind
+            ):
+                raise ArtifactError(f"task {artifact.task!r}: mask for {name!r} is truncated")
+            layer.set_mask(packed.unpack(layer.mask_real.dtype))
+    elif layers:  # classifier_only on a masked backbone: the pretrained network
+        for layer in layers.values():
+            layer.reset_mask("1s", 1.0)
+    if artifact.bn_state:
+        load_bn_state(backbone, artifact.bn_state)
+    elif pretrained_bn is not None:
+        load_bn_state(backbone, pretrained_bn)
+    return artifact.build_head()
