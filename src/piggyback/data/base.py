@@ -1,0 +1,83 @@
+"""The contract every task's DataModule honours, so the trainer never special-cases a dataset.
+
+A Piggyback run learns one task at a time; the module only needs to know the task's name,
+its number of classes (to size the head) and, when known, the class names (stored in the
+task artifact so predictions can be read without the dataset).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+
+class DataError(ValueError):
+    """A dataset on disk (or its config) is not what the run expects; the message says how to fix it."""
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Base for all task DataModules: loader settings and task metadata live here."""
+
+    def __init__(
+        self,
+        task_name: str,
+        num_classes: int,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise DataError(f"task {task_name!r}: num_classes must be >= 1, got {num_classes}")
+        self.task_name = task_name
+        self.num_classes = int(num_classes)
+        self.class_names: list[str] | None = None
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")
+        kwargs: dict[str, Any] = {}
+        if self.num_workers > 0:
+            kwargs["persistent_workers"] = self.persistent_workers
+            if self.prefetch_factor is not None:
+                kwargs["prefetch_factor"] = self.prefetch_factor
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def check_num_classes(self, found: int, where: str) -> None:
+        """Fail early when the data disagrees with the config: a wrong head size trains silently."""
+        if found != self.num_classes:
+            raise DataError(
+                f"task {self.task_name!r}: config says num_classes={self.num_classes} but {where} "
+                f"has {found} classes. Fix the dataset or set data.num_classes={found}."
+            )
