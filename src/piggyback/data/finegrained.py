@@ -1,0 +1,446 @@
+"""Fine-grained benchmarks as ImageFolder trees (CUBS, Cars, Flowers, WikiArt, Sketch, ImageNet).
+
+Layout: ``<root>/<name>/train/<class>/*`` and ``<root>/<name>/test/<class>/*`` (ImageNet:
+``val/`` instead of ``test/``). Class indices come from the sorted train class folders, and
+the test split reuses them, so a test tree with a missing class cannot shift the labels.
+
+The reference code validated on the test split; that is available (``val_on_test``) to
+reproduce it, but the default holds a seeded, deterministic part of train out, so model
+selection never sees test images.
+
+Every image is decoded exactly once per sample per epoch, in ``__getitem__``. Set-up only
+lists the folders and, by default, reads each file's first bytes to reject files that are
+not images at all (cheap: no decoding); files that still fail to decode are handled when
+they are first loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from piggyback.data.base import DataError, TaskDataModule
+from piggyback.data.transforms import IMAGENET_MEAN, IMAGENET_STD, finegrained_transform
+
+log = logging.getLogger(__name__)
+
+IMG_EXTENSIONS: tuple[str, ...] = (
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".ppm",
+    ".pgm",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+)
+
+#: The paper's folder names and their class counts (PAPER.md); other names work as generic
+#: ImageFolder tasks.
+FINEGRAINED_CLASSES: dict[str, int] = {
+    "cubs_cropped": 200,
+    "stanford_cars_cropped": 196,
+    "flowers": 102,
+    "wikiart": 195,
+    "sketches": 250,
+    "imagenet": 1000,
+}
+#: Datasets whose held-out split is not called ``test``.
+TEST_SPLIT_NAME: dict[str, str] = {"imagenet": "val"}
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _has_image_magic(head: bytes) -> bool:
+    """Recognise the formats PIL is asked to open here from their first bytes."""
+    return (
+        head.startswith(b"\xff\xd8\xff")  # JPEG
+        or head.startswith(b"\x89PNG\r\n\x1a\n")
+        or head[:2] in (b"BM", b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")  # BMP, PNM
+        or head.startswith((b"GIF87a", b"GIF89a"))
+        or head.startswith((b"II*\x00", b"MM\x00*"))  # TIFF
+        or (head.startswith(b"RIFF") and head[8:12] == b"WEBP")
+    )
+
+
+def check_image_file(path: str, size: int, mode: Literal["header", "none"]) -> str | None:
+    """Return why a file cannot be an image, or None. Never decodes pixels."""
+    if size == 0:
+        return "empty file"
+    if mode == "header":
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except OSError as e:
+            return f"cannot open: {e}"
+        if not _has_image_magic(head):
+            return "not a recognised image format (bad header)"
+    return None
+
+
+def load_image(path: str) -> Image.Image:
+    """Decode one file fully (so errors surface here, not later inside a transform)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class ImageListDataset(Dataset):
+    """(path, target) pairs decoded lazily; the only place images are opened during training.
+
+    With ``skip_unreadable`` a file that fails to decode is logged once and replaced by the
+    next readable sample of the list (so batch shapes stay fixed); ``num_skipped`` counts
+    them in this process (each DataLoader worker keeps its own count).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable[[Image.Image], Any] | None,
+        *,
+        skip_unreadable: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.skip_unreadable = skip_unreadable
+        self._bad: set[int] = set()
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self._bad)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _load(self, index: int) -> Image.Image | None:
+        path = self.samples[index][0]
+        try:
+            return load_image(path)
+        except FileNotFoundError as e:
+            raise DataError(
+                f"image file {path} does not exist (it was listed when the dataset was set "
+                "up). Restore it or re-run so the file list is rebuilt."
+            ) from e
+        except _DECODE_ERRORS as e:
+            if not self.skip_unreadable:
+                raise DataError(
+                    f"cannot decode image {path}: {e}. Replace or delete the file, or set "
+                    "data.skip_unreadable=true to skip unreadable images."
+                ) from e
+            if index not in self._bad:
+                self._bad.add(index)
+                log.warning(
+                    "skipping unreadable image %s (%s); %d skipped so far in this process",
+                    path,
+                    e,
+                    len(self._bad),
+                )
+            return None
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        n = len(self.samples)
+        for k in range(n):
+            i = (index + k) % n
+            if i in self._bad:
+                continue
+            img = self._load(i)
+            if img is None:
+                continue
+            target = self.samples[i][1]
+            return (self.transform(img) if self.transform is not None else img), target
+        raise DataError(f"no readable image left in this split ({n} files, all unreadable)")
+
+
+def split_indices(
+    targets: Sequence[int], fraction: float, *, seed: int, stratified: bool = True
+) -> tuple[list[int], list[int]]:
+    """Deterministic disjoint (train, val) index lists; same inputs and seed -> same split.
+
+    Stratified: each class gives ``round(fraction * n_c)`` samples to val but always keeps at
+    least one for training, so no class disappears from train.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {fraction}")
+    n = len(targets)
+    if fraction == 0.0 or n == 0:
+        return list(range(n)), []
+    rng = np.random.default_rng(seed)
+    val: list[int] = []
+    if stratified:
+        by_class: dict[int, list[int]] = {}
+        for i, t in enumerate(targets):
+            by_class.setdefault(int(t), []).append(i)
+        for c in sorted(by_class):
+            idx = by_class[c]
+            k = min(len(idx) - 1, math.floor(fraction * len(idx) + 0.5))
+            if k > 0:
+                perm = rng.permutation(len(idx))[:k]
+                val.extend(idx[j] for j in perm)
+    else:
+        k = min(n - 1, math.floor(fraction * n + 0.5))
+        val = [int(j) for j in rng.permutation(n)[:k]]
+    val_set = set(val)
+    return [i for i in range(n) if i not in val_set], sorted(val_set)
+
+
+def _layout(root: Path, name: str, test_split: str) -> str:
+    return (
+        f"expected layout: {root}/{name}/train/<class>/<image> and "
+        f"{root}/{name}/{test_split}/<class>/<image>"
+    )
+
+
+class FineGrainedDataModule(TaskDataModule):
+    """One fine-grained task from an ImageFolder tree, with a held-out validation split.
+
+    Attributes after ``setup``: ``class_names`` (sorted train folder names), ``class_to_idx``,
+    ``train_set`` / ``val_set`` / ``test_set`` (``ImageListDataset``) and ``num_skipped``
+    (files rejected at set-up, per split).
+    """
+
+    def __init__(
+        self,
+        task_name: str,
+        num_classes: int,
+        root: str | os.PathLike,
+        name: str,
+        *,
+        val_fraction: float = 0.1,
+        val_on_test: bool = False,
+        stratified: bool = True,
+        seed: int = 0,
+        test_split: str | None = None,
+        skip_unreadable: bool = False,
+        check_images: Literal["header", "none"] = "header",
+        extensions: Sequence[str] = IMG_EXTENSIONS,
+        image_size: int = 224,
+        resize_size: int = 256,
+        cropped: bool | None = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = None,
+    ) -> None:
+        super().__init__(
+            task_name=task_name,
+            num_classes=num_classes,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+        )
+        if check_images not in ("header", "none"):
+            raise DataError(f"check_images must be 'header' or 'none', got {check_images!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.root = Path(root).expanduser()
+        self.name = name
+        self.val_fraction = float(val_fraction)
+        self.val_on_test = bool(val_on_test)
+        if self.val_on_test and self.val_fraction > 0:
+            log.info(
+                "%s: val_on_test=true, so all of train/ is used (val_fraction ignored)", task_name
+            )
+        self.stratified = bool(stratified)
+        self.seed = int(seed)
+        self.test_split = test_split or TEST_SPLIT_NAME.get(name, "test")
+        self.skip_unreadable = bool(skip_unreadable)
+        self.check_images = check_images
+        self.extensions = tuple(e.lower() for e in extensions)
+        self.image_size = int(image_size)
+        self.resize_size = int(resize_size)
+        self.cropped = cropped
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.class_to_idx: dict[str, int] | None = None
+        self.num_skipped: dict[str, int] = {}
+        self._samples: dict[str, list[tuple[str, int]]] = {}
+        self.predict_set: Dataset | None = None
+
+    # ------------------------------------------------------------------ discovery
+    @property
+    def dataset_dir(self) -> Path:
+        return self.root / self.name
+
+    def _split_dir(self, split: str) -> Path:
+        if not self.dataset_dir.is_dir():
+            raise DataError(
+                f"task {self.task_name!r}: dataset folder {self.dataset_dir} not found; "
+                f"{_layout(self.root, self.name, self.test_split)}. Set data.root to the folder "
+                f"that contains {self.name}/."
+            )
+        d = self.dataset_dir / split
+        if not d.is_dir():
+            raise DataError(
+                f"task {self.task_name!r}: split folder {d} not found; "
+                f"{_layout(self.root, self.name, self.test_split)}."
+            )
+        return d
+
+    def _list_classes(self, split_dir: Path) -> list[str]:
+        with os.scandir(split_dir) as it:
+            return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+
+    def _resolve_classes(self) -> dict[str, int]:
+        """Class ids from the train folders only, so every split and run agrees on them."""
+        if self.class_to_idx is None:
+            train_dir = self._split_dir("train")
+            classes = self._list_classes(train_dir)
+            if not classes:
+                raise DataError(
+                    f"task {self.task_name!r}: no class folders in {train_dir}; "
+                    f"{_layout(self.root, self.name, self.test_split)}."
+                )
+            self.check_num_classes(len(classes), f"{train_dir}")
+            self.class_to_idx = {c: i for i, c in enumerate(classes)}
+            self.class_names = classes
+        return self.class_to_idx
+
+    def _scan(self, split: str) -> list[tuple[str, int]]:
+        """List (path, label) for a split, sorted by path so splits are reproducible."""
+        if split in self._samples:
+            return self._samples[split]
+        class_to_idx = self._resolve_classes()
+        split_dir = self._split_dir(split)
+        classes = self._list_classes(split_dir)
+        unknown = sorted(set(classes) - set(class_to_idx))
+        if unknown:
+            raise DataError(
+                f"task {self.task_name!r}: {split_dir} has class folders that train/ does not: "
+                f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''}. Both splits must use the "
+                "same class folder names."
+            )
+        missing = sorted(set(class_to_idx) - set(classes))
+        if missing:
+            log.warning(
+                "%s: %d classes of train/ have no folder in %s/ (e.g. %s)",
+                self.task_name,
+                len(missing),
+                split,
+                missing[:3],
+            )
+        samples: list[tuple[str, int]] = []
+        rejected: list[tuple[str, str]] = []
+        for cls in classes:
+            cls_dir = split_dir / cls
+            found = 0
+            with os.scandir(cls_dir) as it:
+                entries = sorted(
+                    (e for e in it if e.is_file() and not e.name.startswith(".")),
+                    key=lambda e: e.name,
+                )
+            for e in entries:
+                if os.path.splitext(e.name)[1].lower() not in self.extensions:
+                    continue
+                why = check_image_file(e.path, e.stat().st_size, self.check_images)
+                if why is not None:
+                    if not self.skip_unreadable:
+                        raise DataError(
+                            f"task {self.task_name!r}: unreadable image {e.path} ({why}). "
+                            "Replace or delete it, or set data.skip_unreadable=true to skip "
+                            "unreadable images."
+                        )
+                    rejected.append((e.path, why))
+                    continue
+                samples.append((e.path, class_to_idx[cls]))
+                found += 1
+            if found == 0:
+                raise DataError(
+                    f"task {self.task_name!r}: class folder {cls_dir} has no readable images "
+                    f"(extensions {', '.join(self.extensions)}). Remove the folder or add images."
+                )
+        if rejected:
+            log.warning(
+                "%s: skipped %d unreadable images in %s/ (first: %s: %s)",
+                self.task_name,
+                len(rejected),
+                split,
+                rejected[0][0],
+                rejected[0][1],
+            )
+        self.num_skipped[split] = len(rejected)
+        self._samples[split] = samples
+        return samples
+
+    # ------------------------------------------------------------------ datasets
+    def _transform(self, train: bool) -> Callable:
+        return finegrained_transform(
+            self.name,
+            train=train,
+            image_size=self.image_size,
+            resize_size=self.resize_size,
+            mean=self.mean,
+            std=self.std,
+            cropped=self.cropped,
+        )
+
+    def _dataset(self, samples: Sequence[tuple[str, int]], train: bool) -> ImageListDataset:
+        return ImageListDataset(
+            samples, self._transform(train), skip_unreadable=self.skip_unreadable
+        )
+
+    def train_val_samples(self) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        """The train split cut into (train, held-out val); val is empty with ``val_on_test``."""
+        samples = self._scan("train")
+        if self.val_on_test:
+            return samples, []
+        tr, va = split_indices(
+            [t for _, t in samples], self.val_fraction, seed=self.seed, stratified=self.stratified
+        )
+        return [samples[i] for i in tr], [samples[i] for i in va]
+
+    def prepare_data(self) -> None:
+        # Only checks that the folders exist, so a wrong path fails before any worker starts.
+        self._split_dir("train")
+        self._split_dir(self.test_split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate"):
+            if self.train_set is None:
+                train, val = self.train_val_samples()
+                self.train_set = self._dataset(train, train=True)
+                if self.val_on_test:
+                    self.val_set = self._dataset(self._scan(self.test_split), train=False)
+                elif val:
+                    self.val_set = self._dataset(val, train=False)
+                log.info(
+                    "%s: %d train / %d val images (%s)",
+                    self.task_name,
+                    len(train),
+                    len(self.val_set) if self.val_set is not None else 0,
+                    f"val = {self.test_split}/" if self.val_on_test else "val held out of train",
+                )
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = self._dataset(self._scan(self.test_split), train=False)
+            self.predict_set = self.test_set
+        self._resolve_classes()
+
+    def val_dataloader(self) -> DataLoader | list:
+        # No held-out split (val_fraction=0 and val_on_test=false): Lightning skips validation.
+        if self.val_set is None and self.train_set is not None:
+            return []
+        return super().val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, train=False)
