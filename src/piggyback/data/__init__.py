@@ -2,14 +2,14 @@
 
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.data.decathlon import DecathlonDataModule, write_results_json
+from piggyback.data.digits import DigitsDataModule  # noqa: E402  (offline demo tasks)
 from piggyback.data.finegrained import FineGrainedDataModule
 from piggyback.data.torchvision_sets import TorchvisionDataModule
-
-# Demo / digits data (piggyback.data.digits) is exported here too; add its import below.
 
 __all__ = [
     "DataError",
     "DecathlonDataModule",
+    "DigitsDataModule",
     "FineGrainedDataModule",
     "TaskDataModule",
     "TorchvisionDataModule",

@@ -1,0 +1,228 @@
+"""Training entry point: ``train(cfg)`` runs one task or a sequence of tasks.
+
+``train`` is a pure function of the config (tests and sweeps call it directly); ``main`` is
+the Hydra wrapper that turns known user errors into a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from piggyback.backbones import BackboneError
+from piggyback.data.base import DataError, TaskDataModule
+from piggyback.instantiate import build, build_all, to_dict
+from piggyback.masks.artifact import ArtifactError, save_artifact
+from piggyback.masks.stats import total_sparsity
+from piggyback.module import PiggybackModule
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = os.environ.get("PIGGYBACK_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
+USER_ERRORS = (DataError, BackboneError, ArtifactError, FileExistsError, FileNotFoundError)
+
+
+def task_configs(data_cfg: DictConfig) -> list[DictConfig]:
+    """A data config is one task, or a sequence of tasks under ``tasks``."""
+    if "tasks" in data_cfg:
+        return list(data_cfg.tasks.values())
+    return [data_cfg]
+
+
+def _loggers(cfg: DictConfig, task: str) -> list[Any]:
+    """One logger set per task; null ``name``/``version`` fields get the task's name."""
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if not node or "_target_" not in node:
+            continue
+        fill = {k: task for k in ("name", "version") if k in node and node[k] is None}
+        loggers.append(build(node, **fill))
+    return loggers
+
+
+def _callbacks(cfg: DictConfig, task: str) -> list[Any]:
+    callbacks = build_all(cfg.get("callbacks"))
+    for callback in callbacks:
+        if isinstance(callback, L.pytorch.callbacks.ModelCheckpoint) and callback.dirpath:
+            callback.dirpath = str(Path(callback.dirpath) / task)
+    return callbacks
+
+
+def _finish_loggers(loggers: list[Any]) -> None:
+    """Close W&B runs so the next task (or multirun job) starts a fresh one."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            logger.finalize("success")
+            wandb.finish()
+
+
+def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> PiggybackModule:
+    return PiggybackModule(
+        backbone=to_dict(cfg.backbone),
+        task=datamodule.task_name,
+        num_classes=datamodule.num_classes,
+        method=cfg.method.name,
+        bn=cfg.method.get("bn", "frozen"),
+        mask=to_dict(cfg.mask),
+        optimizer=to_dict(cfg.method.optimizer),
+        scheduler=to_dict(cfg.method.get("scheduler")),
+        lr=to_dict(cfg.method.lr),
+        class_names=datamodule.class_names,
+        channels_last=cfg.model.get("channels_last", False),
+        log_layer_sparsity=cfg.model.get("log_layer_sparsity", True),
+    )
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[key] = float(value)
+        elif isinstance(value, int | float):
+            out[key] = float(value)
+    return out
+
+
+def train_task(
+    cfg: DictConfig,
+    data_cfg: DictConfig,
+    module: PiggybackModule | None,
+    output_dir: Path,
+    ckpt_path: str | None = None,
+) -> tuple[PiggybackModule, dict[str, Any]]:
+    """Fit and test one task, then write its artifact. Returns the module for the next task."""
+    datamodule: TaskDataModule = build(data_cfg)
+    task = datamodule.task_name
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    if module is None or cfg.method.name == "finetune":
+        module = build_module(cfg, datamodule)
+    else:
+        module.add_task(task, datamodule.num_classes, class_names=datamodule.class_names)
+
+    loggers = _loggers(cfg, task)
+    trainer: L.Trainer = build(
+        cfg.trainer, logger=loggers or False, callbacks=_callbacks(cfg, task)
+    )
+    try:
+        if cfg.get("train", True):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = _scalar_metrics(trainer.callback_metrics)
+        if cfg.get("test", True):
+            results = trainer.test(module, datamodule=datamodule, verbose=False)
+            metrics.update(_scalar_metrics(results[0] if results else {}))
+    finally:
+        _finish_loggers(loggers)
+
+    record: dict[str, Any] = {"task": task, "method": module.method, **metrics}
+    if module.method == "piggyback":
+        from piggyback.nn.convert import get_masks
+
+        record["masked_off"] = total_sparsity(get_masks(module.backbone))
+    if cfg.get("save_artifacts", True) and trainer.is_global_zero:
+        artifact = module.export_task(
+            config=to_dict(cfg),
+            metrics=metrics,
+            encoding=cfg.get("artifact_encoding", "bits"),
+        )
+        path = save_artifact(
+            artifact,
+            output_dir / "artifacts" / f"{task}.safetensors",
+            overwrite=cfg.get("overwrite_artifacts", False),
+        )
+        record.update(
+            artifact=str(path),
+            artifact_bytes=path.stat().st_size,
+            task_bytes=artifact.task_bytes(),
+            bits_per_masked_weight=artifact.bits_per_masked_weight(),
+        )
+    return module, record
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Flat metrics: a single task's as they are; a sequence's as means plus per-task keys."""
+    if len(records) == 1:
+        return {k: v for k, v in records[0].items() if isinstance(v, float)}
+    flat: dict[str, Any] = {}
+    keys = {k for r in records for k, v in r.items() if isinstance(v, float)}
+    for key in sorted(keys):
+        values = [r[key] for r in records if key in r]
+        flat[key] = sum(values) / len(values)
+        for r in records:
+            if key in r:
+                flat[f"{r['task']}/{key}"] = r[key]
+    return flat
+
+
+def format_table(records: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'task':<18} {'method':<16} {'test acc':>9} {'masked off':>11} {'artifact':>10}",
+        "-" * 68,
+    ]
+    for r in records:
+        acc = f"{100 * r['test/acc']:.2f}%" if "test/acc" in r else "-"
+        off = f"{100 * r['masked_off']:.2f}%" if "masked_off" in r else "-"
+        size = f"{r['artifact_bytes'] / 1024:.1f} KB" if "artifact_bytes" in r else "-"
+        lines.append(f"{r['task']:<18} {r['method']:<16} {acc:>9} {off:>11} {size:>10}")
+    return "\n".join(lines)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train every task of ``cfg.data`` on one backbone; returns flat metrics."""
+    L.seed_everything(cfg.get("seed", 0), workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tasks = task_configs(cfg.data)
+    if cfg.get("resume") and len(tasks) > 1:
+        raise ValueError("resume= works for a single-task run; pick one task with data=...")
+    module = None
+    records = []
+    for data_cfg in tasks:
+        module, record = train_task(cfg, data_cfg, module, output_dir, cfg.get("resume"))
+        records.append(record)
+    metrics = summarize(records)
+    summary = {
+        "backbone": cfg.backbone.name,
+        "method": cfg.method.name,
+        "tasks": {r["task"]: r for r in records},
+        "metrics": metrics,
+    }
+    if module is None or module.trainer is None or module.trainer.is_global_zero:
+        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    if cfg.get("print_table", True):
+        print(format_table(records), flush=True)
+    return metrics
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Hydra job body: train, then hand the sweeper its metric. Known user errors exit 2."""
+    try:
+        metrics = train(cfg)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    value = metrics.get(cfg.get("optimized_metric") or "")
+    return None if value is None else float(value)
+
+
+def main() -> float | None:
+    import hydra
+
+    @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+    def _main(cfg: DictConfig) -> float | None:
+        return run(cfg)
+
+    return _main()
+
+
+__all__ = ["main", "run", "train", "train_task", "build_module"]
