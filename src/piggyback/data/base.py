@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 
 class DataError(ValueError):
-    """A dataset on disk (or its config) is not what the run expects; the message says how to fix it."""
+    """The data on disk (or its config) is not what the run expects; the message says what to do."""
 
 
 class TaskDataModule(L.LightningDataModule):

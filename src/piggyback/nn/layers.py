@@ -67,7 +67,7 @@ class MaskedLayerMixin:
 
     @torch.no_grad()
     def reset_mask(self, mask_init: str = "1s", mask_scale: float = DEFAULT_MASK_SCALE) -> None:
-        """Re-initialise ``mask_real``; ``1s`` with scale > threshold starts at the pretrained net."""
+        """Re-initialise ``mask_real``; ``1s`` (scale > threshold) starts at the pretrained net."""
         if mask_init == "1s":
             self.mask_real.fill_(mask_scale)
         elif mask_init == "uniform":
