@@ -95,9 +95,20 @@ class MaskedLayerMixin:
             )
         self.mask_real.copy_(mask.to(self.mask_real.dtype))
 
-    def effective_weight(self) -> torch.Tensor:
+    def effective_weight(self, *, owns_grad: bool = False) -> torch.Tensor:
+        """``W * M`` with the straight-through mask gradient.
+
+        ``forward`` passes ``owns_grad=True`` because it feeds the result straight into
+        conv/linear, which lets the backward reuse their weight-gradient buffer for the mask
+        gradient (see :func:`masked_weight`); other callers get the always-safe default.
+        """
         return masked_weight(
-            self.weight, self.mask_real, self.threshold, self.threshold_fn, self.grad_rescale
+            self.weight,
+            self.mask_real,
+            self.threshold,
+            self.threshold_fn,
+            self.grad_rescale,
+            owns_grad=owns_grad,
         )
 
     def mask_extra_repr(self) -> str:
@@ -130,7 +141,7 @@ class MaskedConv2d(MaskedLayerMixin, nn.Conv2d):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), self.bias)
+        return self._conv_forward(x, self.effective_weight(owns_grad=True), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.mask_extra_repr()}"
@@ -162,7 +173,7 @@ class MaskedLinear(MaskedLayerMixin, nn.Linear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(), self.bias)
+        return F.linear(x, self.effective_weight(owns_grad=True), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.mask_extra_repr()}"
