@@ -16,11 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
-def demo_cache(tmp_path_factory) -> Path:
-    """A cache dir holding the pretrained demo backbone (trained once per test session)."""
-    from piggyback.demo import pretrained_small_cnn_state
+def demo_cache() -> Path:
+    """The cache holding the pretrained demo backbone, trained on first use (~20-30 s).
 
-    cache = tmp_path_factory.mktemp("piggyback_cache")
+    It is the user's piggyback cache (``PIGGYBACK_CACHE``, default ~/.cache/piggyback), like
+    torchvision's weight cache: the file name carries a hash of the pretraining recipe, so a
+    stale file is never reused.
+    """
+    from piggyback.demo import default_cache_dir, pretrained_small_cnn_state
+
+    cache = default_cache_dir()
     pretrained_small_cnn_state(cache)
     return cache
 

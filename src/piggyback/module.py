@@ -143,6 +143,7 @@ class PiggybackModule(L.LightningModule):
         self.tasks: dict[str, TaskState] = {}
         self.task: str | None = None
         self.add_task(task, num_classes, class_names=class_names)
+        self._enforce_frozen_modes()
 
     # ----------------------------------------------------------------- parameters
     def _freeze_backbone(self) -> None:
@@ -266,15 +267,24 @@ class PiggybackModule(L.LightningModule):
         self._set_trainable_heads()
 
     # -------------------------------------------------------------------- forward
-    def train(self, mode: bool = True):
-        super().train(mode)
+    def _enforce_frozen_modes(self) -> None:
+        """Keep frozen parts in eval mode: frozen BN must not update its running statistics."""
         if self.method == "classifier_only":
             self.backbone.eval()
         elif self.bn_mode == "frozen":
             for module in self.backbone.modules():
                 if isinstance(module, _BN):
                     module.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._enforce_frozen_modes()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        # Lightning >= 2.2 restores each submodule's own mode instead of calling .train()
+        # on the whole module, so the override above is not enough on its own.
+        self._enforce_frozen_modes()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:

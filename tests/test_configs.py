@@ -1,0 +1,155 @@
+"""Every option of every config group composes, and what it describes can be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from piggyback.backbones import build_backbone
+from piggyback.instantiate import build, build_all, to_dict
+from piggyback.nn import MaskedConv2d
+from piggyback.train import CONF_DIR, task_configs
+
+CONF = Path(CONF_DIR)
+
+
+def _options(group: str) -> list[str]:
+    root = CONF / group
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def test_every_group_has_options():
+    for group in (
+        "backbone",
+        "data",
+        "mask",
+        "method",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "hydra",
+        "experiment",
+        "debug",
+    ):
+        assert _options(group), group
+
+
+@pytest.mark.parametrize("option", _options("backbone"))
+def test_backbone_configs_build(make_cfg, option):
+    cfg = make_cfg(f"backbone={option}")
+    spec = to_dict(cfg.backbone)
+    assert spec["name"] == Path(option).name
+    backbone = build_backbone(**{**spec, "weights": None, "checkpoint": None})
+    assert backbone.feature_dim > 0
+    assert not isinstance(list(backbone.model.modules())[-1], torch.nn.Linear) or option == "vgg16"
+
+
+@pytest.mark.parametrize("option", _options("data"))
+def test_data_configs_build(make_cfg, option):
+    cfg = make_cfg(f"data={option}")
+    for data_cfg in task_configs(cfg.data):
+        datamodule = build(data_cfg)
+        assert datamodule.num_classes == data_cfg.num_classes
+        assert datamodule.task_name == data_cfg.task_name
+
+
+@pytest.mark.parametrize("option", _options("mask"))
+def test_mask_configs_build_a_masked_layer(make_cfg, option):
+    cfg = make_cfg(f"mask={option}")
+    spec = to_dict(cfg.mask)
+    spec.pop("exclude")
+    layer = MaskedConv2d.from_conv(torch.nn.Conv2d(2, 3, 3), **spec)
+    assert layer.mask_real.shape == layer.weight.shape
+
+
+@pytest.mark.parametrize("option", _options("method"))
+def test_method_configs_build_optimizers(make_cfg, option):
+    cfg = make_cfg(f"method={option}", "~experiment")  # the method files alone: paper recipe
+    assert cfg.method.name in ("piggyback", "finetune", "classifier_only")
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = build(cfg.method.optimizer)([{"params": [param], "lr": 1e-3}])
+    scheduler = build(cfg.method.scheduler)(optimizer)
+    assert scheduler.step_size == 15
+
+
+@pytest.mark.parametrize("option", _options("trainer"))
+def test_trainer_configs_build(make_cfg, option):
+    cfg = make_cfg(f"trainer={option}")
+    # GPU configs are built with the CPU accelerator: the config itself must be valid.
+    overrides = (
+        {}
+        if cfg.trainer.accelerator == "cpu"
+        else {"accelerator": "cpu", "devices": 1, "precision": "32-true", "strategy": "auto"}
+    )
+    trainer = build(cfg.trainer, logger=False, enable_checkpointing=False, **overrides)
+    assert trainer.max_epochs == cfg.trainer.max_epochs
+
+
+@pytest.mark.parametrize("option", _options("logger"))
+def test_logger_configs_build(make_cfg, option):
+    cfg = make_cfg(f"logger={option}")
+    loggers = build_all(cfg.logger, **({}))
+    assert len(loggers) == (0 if option == "none" else 1)
+
+
+def test_several_loggers_compose(make_cfg):
+    cfg = make_cfg("logger=[csv,tensorboard,wandb]")
+    assert set(cfg.logger) == {"csv", "tensorboard", "wandb"}
+    assert cfg.logger.wandb.offline is True
+
+
+@pytest.mark.parametrize("option", _options("callbacks"))
+def test_callback_configs_build(make_cfg, option):
+    cfg = make_cfg(f"callbacks={option}")
+    callbacks = build_all(cfg.callbacks)
+    assert len(callbacks) == (0 if option == "none" else 3)
+
+
+@pytest.mark.parametrize("option", _options("experiment"))
+def test_experiments_compose_and_build_their_data(make_cfg, option):
+    cfg = make_cfg(f"experiment={option}")
+    assert cfg.run_name == "test"  # overridden by the fixture
+    for data_cfg in task_configs(cfg.data):
+        assert build(data_cfg).num_classes == data_cfg.num_classes
+
+
+def test_finegrained_experiment_uses_the_paper_recipe(make_cfg):
+    cfg = make_cfg("experiment=finegrained_resnet50", "data=finegrained/cars")
+    assert cfg.backbone.name == "resnet50"
+    assert cfg.data.num_classes == 196
+    assert cfg.method.lr.masks == 1e-4 and cfg.method.scheduler.step_size == 15
+    assert cfg.trainer.max_epochs == 30
+
+
+@pytest.mark.parametrize("option", _options("debug"))
+def test_debug_configs_compose(make_cfg, option):
+    cfg = make_cfg(f"debug={option}")
+    assert cfg.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize(
+    ("launcher", "target"),
+    [
+        ("parallel", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+        ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+    ],
+)
+def test_launcher_configs_compose(launcher, target):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_ == target
+    OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+
+
+def test_default_config_is_the_offline_demo(make_cfg):
+    cfg = make_cfg()
+    assert cfg.backbone.name == "small_cnn"
+    tasks = task_configs(cfg.data)
+    assert [t.task_name for t in tasks] == ["digits_rotated", "digits_inverted", "digits_mod3"]
