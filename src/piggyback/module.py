@@ -36,7 +36,7 @@ METHODS = ("piggyback", "finetune", "classifier_only")
 BN_MODES = ("frozen", "train")
 _BN = nn.modules.batchnorm._BatchNorm
 
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True}
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "fused": True}
 DEFAULT_SCHEDULER = {
     "_target_": "torch.optim.lr_scheduler.StepLR",
     "_partial_": True,
@@ -62,6 +62,8 @@ class TaskState:
     class_names: list[str] | None = None
     masks: dict[str, PackedMask] | None = None
     bn_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # mask_real version counters when ``masks`` was packed: unchanged masks are not re-packed
+    packed_versions: list[int] | None = None
 
 
 def _plain(value: Any) -> Any:
@@ -239,15 +241,29 @@ class PiggybackModule(L.LightningModule):
         for name, head in self.heads.items():
             head.requires_grad_(name == self.task)
 
+    def _mask_versions(self) -> list[int]:
+        return [layer.mask_real._version for _, layer in masked_layers(self.backbone)]
+
     def commit_task(self) -> None:
         """Store the current task's mask (packed) and BN state so another task can run."""
         if self.task is None or self.method == "finetune":
             return
         state = self.tasks[self.task]
         layers = list(masked_layers(self.backbone))
-        if layers:
+        versions = self._mask_versions()
+        if layers and (state.masks is None or state.packed_versions != versions):
             kind = mask_kind(layers[0][1].threshold_fn)
-            state.masks = {n: PackedMask.from_mask(layer.mask(), kind) for n, layer in layers}
+            state.masks = {
+                name: PackedMask.from_mask(
+                    # a bool mask packs without pack_mask's value checks (~3x faster)
+                    layer.mask_real.detach() > layer.threshold
+                    if kind == "binary"
+                    else layer.mask(),
+                    kind,
+                )
+                for name, layer in layers
+            }
+            state.packed_versions = versions
         if self.bn_mode == "train":
             state.bn_state = bn_state_dict(self.backbone)
 
@@ -261,8 +277,9 @@ class PiggybackModule(L.LightningModule):
         self.commit_task()
         state = self.tasks[task]
         for name, layer in masked_layers(self.backbone):
-            layer.set_mask(state.masks[name].unpack(layer.mask_real.dtype))
+            layer.set_mask(state.masks[name].unpack(dtype=None))
         load_bn_state(self.backbone, state.bn_state or self.pretrained_bn)
+        state.packed_versions = self._mask_versions()
         self.task = task
         self._set_trainable_heads()
 

@@ -57,13 +57,14 @@ class PackedMask:
             raise ValueError(f"unknown mask encoding {encoding!r}; choose 'bits' or 'rle'")
         return cls(data=data, shape=tuple(mask.shape), kind=kind, encoding=encoding)
 
-    def unpack(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def unpack(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         if self.encoding == "bits":
             return unpack_mask(self.data, self.shape, self.kind, dtype)
         if self.encoding == "rle":
             from piggyback.masks.codec import decompress_mask
 
-            return decompress_mask(self.data.numpy().tobytes(), self.shape).to(dtype)
+            mask = decompress_mask(self.data.numpy().tobytes(), self.shape)
+            return mask if dtype is None else mask.to(dtype)
         raise ArtifactError(f"unknown mask encoding {self.encoding!r} (newer piggyback?)")
 
     @property
@@ -396,7 +397,7 @@ def apply_artifact(
                 packed.numel, packed.kind
             ):
                 raise ArtifactError(f"task {artifact.task!r}: mask for {name!r} is truncated")
-            layer.set_mask(packed.unpack(layer.mask_real.dtype))
+            layer.set_mask(packed.unpack(dtype=None))
     elif layers:  # classifier_only on a masked backbone: the pretrained network
         for layer in layers.values():
             layer.reset_mask("1s", 1.0)

@@ -55,9 +55,13 @@ def unpack_mask(
     packed: torch.Tensor,
     shape: Sequence[int],
     kind: str = "binary",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = torch.float32,
 ) -> torch.Tensor:
-    """Inverse of :func:`pack_mask`; checks the byte count against ``shape``."""
+    """Inverse of :func:`pack_mask`; checks the byte count against ``shape``.
+
+    ``dtype=None`` keeps the compact integer type (uint8 / int8), which is what a caller
+    that copies into an existing tensor wants: ``copy_`` converts in the same pass.
+    """
     shape = tuple(int(s) for s in shape)
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
     data = packed.detach().reshape(-1).to("cpu")
@@ -71,11 +75,13 @@ def unpack_mask(
     raw = data.numpy()
     if kind == "binary":
         bits = np.unpackbits(raw, count=numel, bitorder="little")
-        return torch.from_numpy(bits).reshape(shape).to(dtype)
+        out = torch.from_numpy(bits).reshape(shape)
+        return out if dtype is None else out.to(dtype)
     if kind == "ternary":
         codes = np.stack([(raw >> s) & 3 for s in (0, 2, 4, 6)], axis=1).reshape(-1)[:numel]
         if np.any(codes == 3):
             raise ValueError("packed ternary mask contains the invalid code 3 (corrupt data)")
         values = np.where(codes == 2, -1, codes).astype(np.int8)
-        return torch.from_numpy(values).reshape(shape).to(dtype)
+        out = torch.from_numpy(values).reshape(shape)
+        return out if dtype is None else out.to(dtype)
     raise ValueError(f"unknown mask kind {kind!r}; choose one of {MASK_KINDS}")

@@ -93,7 +93,7 @@ class MaskedLayerMixin:
                 f"mask of shape {tuple(mask.shape)} does not fit weight of shape "
                 f"{tuple(self.weight.shape)}"
             )
-        self.mask_real.copy_(mask.to(self.mask_real.dtype))
+        self.mask_real.copy_(mask)  # converts dtype (and device) in the same pass
 
     def effective_weight(self, *, owns_grad: bool = False) -> torch.Tensor:
         """``W * M`` with the straight-through mask gradient.

@@ -1,0 +1,509 @@
+"""One frozen backbone serving any number of learned tasks, and the bundle file that ships it.
+
+Piggyback's point is that N tasks cost one backbone plus ~1 bit per weight per task. This
+module makes that concrete at inference time: :class:`MultiTaskModel` holds the pretrained
+backbone once and every task's artifact (packed masks, head, BN state); ``model(x,
+task="cubs")`` swaps in that task's mask and BN state (never reloading the backbone) and
+applies its head. A batch holds one task; :meth:`MultiTaskModel.predict_mixed` groups a
+mixed request list by task so each task is switched to once.
+
+A *bundle* (``save_bundle``/``load_bundle``) is one safetensors file (never pickle) holding
+the backbone weights once and every task, so a deployment needs a single file and no
+download. Sizes: a piggyback task adds its packed masks (1 bit per masked weight, or less
+with the ``rle`` encoding) + head (+ BN state when trained); a ``classifier_only`` task adds
+its head only; a ``finetune`` task has no mask to apply, so it is stored and run as its own
+complete network: it adds the *full* backbone weights (float32, as large as the backbone
+itself, e.g. ~94 MB for ResNet-50) and, once loaded, a full network's memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from piggyback.backbones import BackboneError, build_backbone
+from piggyback.masks.artifact import (
+    ArtifactError,
+    PackedMask,
+    TaskArtifact,
+    _digest,
+    _meta,
+    _tensors,
+    apply_artifact,
+    bn_state_dict,
+    check_fingerprint,
+    fingerprint,
+    load_artifact,
+)
+from piggyback.nn.convert import mask_model, masked_layers
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "MultiTaskModel",
+    "architecture_bytes",
+    "group_by_task",
+    "layer_order",
+    "load_bundle",
+    "masks_in_network_order",
+    "save_bundle",
+    "state_bytes",
+    "storage_summary",
+]
+
+BUNDLE_FORMAT = "piggyback-bundle"
+BUNDLE_VERSION = 1
+SUPPORTED_METHODS = ("piggyback", "classifier_only", "finetune")
+
+
+# ------------------------------------------------------------------------- helpers
+def group_by_task(tasks: Iterable[str]) -> dict[str, list[int]]:
+    """``{task: [positions]}`` in order of first appearance.
+
+    One entry per task means one mask switch per task however the requests are interleaved.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, task in enumerate(tasks):
+        groups.setdefault(task, []).append(i)
+    return groups
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Payload bytes of a state dict (what safetensors stores, headers aside)."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def _backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen weights without the per-task ``mask_real`` buffers of masked layers."""
+    return {k: v for k, v in backbone.state_dict().items() if not k.endswith("mask_real")}
+
+
+def architecture_bytes(name: str) -> int:
+    """Float32 size of a backbone architecture (classifier stripped), without any download."""
+    return state_bytes(_backbone_state(build_backbone(name, weights=None).model))
+
+
+@functools.lru_cache(maxsize=8)
+def layer_order(backbone_name: str) -> tuple[str, ...]:
+    """Conv/linear layer names of an architecture in network order (built offline, no weights)."""
+    model = build_backbone(backbone_name, weights=None).model
+    return tuple(
+        name for name, m in model.named_modules() if name and isinstance(m, (nn.Conv2d, nn.Linear))
+    )
+
+
+def _natural(name: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def masks_in_network_order(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
+    """The artifact's unpacked masks ordered stem first, as the layers run.
+
+    Artifact files list layers alphabetically (``features.10`` before ``features.3``), which
+    would scramble every by-depth plot; the architecture gives the true order, and a natural
+    sort is the fallback for architectures that cannot be rebuilt here.
+    """
+    masks = artifact.unpacked_masks()
+    try:
+        rank = {name: i for i, name in enumerate(layer_order(artifact.backbone))}
+    except BackboneError:
+        rank = {}
+    ordered = sorted(masks, key=lambda n: (rank.get(n, len(rank)), _natural(n)))
+    return {name: masks[name] for name in ordered}
+
+
+def storage_summary(artifacts: Sequence[TaskArtifact], backbone_bytes: int) -> dict[str, Any]:
+    """Multi-task model (backbone once + every task) against one fine-tuned network per task.
+
+    ``separate_networks_bytes`` is what the paper's "individual networks" baseline stores:
+    a full backbone copy plus a head for every task.
+    """
+    tasks = {a.task: a.task_bytes() for a in artifacts}
+    heads = sum(state_bytes(a.head) for a in artifacts)
+    total = backbone_bytes + sum(tasks.values())
+    separate = len(artifacts) * backbone_bytes + heads
+    return {
+        "num_tasks": len(artifacts),
+        "backbone_bytes": backbone_bytes,
+        "task_bytes": tasks,
+        "total_bytes": total,
+        "separate_networks_bytes": separate,
+        "x_backbone": total / backbone_bytes if backbone_bytes else float("nan"),
+        "saving_vs_separate": separate / total if total else float("nan"),
+    }
+
+
+def _artifact_from_parts(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]):
+    """Inverse of ``_meta``/``_tensors`` (kept in step with ``load_artifact``)."""
+
+    def group(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    packed = group("mask/")
+    masks = {
+        name: PackedMask(
+            data=packed[name],
+            shape=tuple(info["shape"]),
+            kind=info["kind"],
+            encoding=info["encoding"],
+        )
+        for name, info in meta["masks"].items()
+    }
+    return TaskArtifact(
+        task=meta["task"],
+        num_classes=meta["num_classes"],
+        method=meta["method"],
+        backbone=meta["backbone"],
+        fingerprint=meta["fingerprint"],
+        head=group("head/"),
+        masks=masks,
+        bn_state=group("bn/"),
+        weights=group("weights/"),
+        class_names=meta.get("class_names"),
+        threshold_fn=meta["threshold_fn"],
+        threshold=meta["threshold"],
+        config=meta.get("config"),
+        metrics=meta.get("metrics") or {},
+    )
+
+
+# ------------------------------------------------------------------------- the model
+class MultiTaskModel(nn.Module):
+    """A frozen backbone plus any number of task artifacts; ``model(x, task=...)`` predicts.
+
+    Build it from the *pretrained* backbone (classifier stripped, e.g.
+    ``build_backbone(...).model``), masked or not. Its fingerprint and BN statistics are taken
+    once here: every artifact is checked against that fingerprint, and tasks that did not
+    train BN run with those statistics. It is an inference container (eval mode, no
+    gradients on the shared weights); learning happens in ``PiggybackModule``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        backbone_name: str,
+        *,
+        pretrained_bn: Mapping[str, torch.Tensor] | None = None,
+        backbone_fingerprint: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.backbone_name = backbone_name
+        self.fingerprint = backbone_fingerprint or fingerprint(backbone)
+        self.pretrained_bn = dict(pretrained_bn or bn_state_dict(backbone))
+        self.heads = nn.ModuleDict()
+        # finetune tasks: each is its own network (no mask can express moved weights)
+        self.finetuned = nn.ModuleDict()
+        self._artifacts: dict[str, TaskArtifact] = {}
+        self._loaded: str | None = None  # task whose masks/BN the shared backbone holds
+        self.task: str | None = None
+        self.requires_grad_(False)
+        self.eval()
+
+    # -------------------------------------------------------------- tasks
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._artifacts)
+
+    def artifact(self, task: str) -> TaskArtifact:
+        return self._artifacts[self._known(task)]
+
+    def _known(self, task: str) -> str:
+        if task not in self._artifacts:
+            raise KeyError(f"unknown task {task!r}; this model has {self.tasks}")
+        return task
+
+    def _device(self) -> torch.device:
+        return next(iter(self.backbone.parameters()), torch.empty(0)).device
+
+    def train(self, mode: bool = True) -> MultiTaskModel:
+        """Always eval: train-mode BN would overwrite the statistics every task shares."""
+        return super().train(False)
+
+    def _ensure_masked(self, artifact: TaskArtifact) -> None:
+        """Mask exactly the layers the artifact masks (the first piggyback task decides)."""
+        layers = dict(masked_layers(self.backbone))
+        if not layers:
+            convs = [
+                name
+                for name, m in self.backbone.named_modules()
+                if name and isinstance(m, (nn.Conv2d, nn.Linear))
+            ]
+            mask_model(
+                self.backbone,
+                threshold=artifact.threshold,
+                threshold_fn=artifact.threshold_fn,
+                exclude=[n for n in convs if n not in artifact.masks],
+            )
+            self.backbone.requires_grad_(False)
+            layers = dict(masked_layers(self.backbone))
+            self._loaded = None  # new mask buffers: whatever was loaded must be re-applied
+        if set(layers) != set(artifact.masks):
+            diff = sorted(set(layers) ^ set(artifact.masks))[:5]
+            raise ArtifactError(
+                f"task {artifact.task!r} masks other layers than the tasks already in this "
+                f"model (differences: {diff}). Tasks trained with different mask.exclude "
+                "settings cannot share one backbone; put them in separate models."
+            )
+        for name, layer in layers.items():
+            if tuple(artifact.masks[name].shape) != tuple(layer.weight.shape):
+                raise ArtifactError(
+                    f"task {artifact.task!r}: mask for {name!r} has shape "
+                    f"{tuple(artifact.masks[name].shape)}, the layer's weight has "
+                    f"{tuple(layer.weight.shape)}"
+                )
+
+    def _finetuned_network(self, artifact: TaskArtifact) -> nn.Module:
+        try:
+            net = build_backbone(self.backbone_name, weights=None).model
+        except BackboneError as exc:
+            raise ArtifactError(
+                f"cannot rebuild the {self.backbone_name!r} architecture for fine-tuned task "
+                f"{artifact.task!r}: {exc}"
+            ) from None
+        net = net.to(self._device())
+        apply_artifact(net, artifact, backbone_fingerprint=self.fingerprint)
+        return net.requires_grad_(False).eval()
+
+    def add_task(self, artifact: TaskArtifact | str | os.PathLike, *, replace: bool = False) -> str:
+        """Add a task (an artifact or its file); returns its name.
+
+        Refuses artifacts learned on other backbone weights (fingerprint mismatch): their
+        masks would give meaningless predictions on this backbone.
+        """
+        if not isinstance(artifact, TaskArtifact):
+            artifact = load_artifact(artifact)
+        if artifact.method not in SUPPORTED_METHODS:
+            raise ArtifactError(
+                f"task {artifact.task!r} has method {artifact.method!r}; a multi-task model "
+                f"supports {SUPPORTED_METHODS}"
+            )
+        if artifact.task in self._artifacts and not replace:
+            raise ArtifactError(
+                f"task {artifact.task!r} is already in this model; pass replace=True to swap "
+                "it, or keep the two versions in separate models"
+            )
+        check_fingerprint(artifact, self.fingerprint)
+        if artifact.method == "piggyback":
+            self._ensure_masked(artifact)
+        head = artifact.build_head().to(self._device())
+        if artifact.method == "finetune":
+            self.finetuned[artifact.task] = self._finetuned_network(artifact)
+        elif artifact.task in self.finetuned:
+            del self.finetuned[artifact.task]
+        self.heads[artifact.task] = head.requires_grad_(False)
+        self._artifacts[artifact.task] = artifact
+        if self._loaded == artifact.task:
+            self._loaded = None
+        if self.task == artifact.task:
+            self.task = None
+            self.set_task(artifact.task)
+        return artifact.task
+
+    def remove_task(self, task: str) -> None:
+        self._known(task)
+        del self._artifacts[task], self.heads[task]
+        if task in self.finetuned:
+            del self.finetuned[task]
+        if self.task == task:
+            self.task = None
+        if self._loaded == task:
+            self._loaded = None
+
+    @torch.no_grad()
+    def set_task(self, task: str) -> None:
+        """Swap in ``task``'s masks, head and BN state; the backbone weights stay in place."""
+        artifact = self.artifact(task)
+        self.task = task
+        if artifact.method == "finetune" or self._loaded == task:
+            return
+        for _, layer in masked_layers(self.backbone):  # binary and ternary tasks may mix
+            layer.threshold, layer.threshold_fn = artifact.threshold, artifact.threshold_fn
+        apply_artifact(
+            self.backbone,
+            artifact,
+            backbone_fingerprint=self.fingerprint,
+            pretrained_bn=self.pretrained_bn,
+        )
+        self._loaded = task
+
+    # -------------------------------------------------------------- inference
+    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+        """Logits of ``task`` (default: the current task) for a batch of that one task."""
+        if task is not None:
+            self.set_task(task)
+        if self.task is None:
+            raise RuntimeError(
+                f"no task selected: call model(x, task=...) with one of {self.tasks}"
+            )
+        net = self.finetuned[self.task] if self.task in self.finetuned else self.backbone
+        return self.heads[self.task](net(x))
+
+    @torch.no_grad()
+    def predict_mixed(
+        self,
+        requests: Sequence[tuple[torch.Tensor, str]],
+        *,
+        batch_size: int = 64,
+        return_logits: bool = False,
+    ) -> list[Any]:
+        """Predictions for ``[(image, task), ...]`` in the requests' order.
+
+        Images are ``[C, H, W]``. Requests are grouped by task (one switch per task) and
+        batched; the result holds a class index per request, or its logits (tasks have
+        different numbers of classes, so these are a list, not one tensor).
+        """
+        out: list[Any] = [None] * len(requests)
+        device = self._device()
+        for task, positions in group_by_task(t for _, t in requests).items():
+            self.set_task(task)
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                x = torch.stack([requests[i][0] for i in chunk]).to(device)
+                logits = self(x)
+                values = logits.cpu() if return_logits else logits.argmax(dim=1).tolist()
+                for i, value in zip(chunk, values, strict=True):
+                    out[i] = value
+        return out
+
+    # -------------------------------------------------------------- storage
+    def backbone_bytes(self) -> int:
+        return state_bytes(_backbone_state(self.backbone))
+
+    def storage(self) -> dict[str, Any]:
+        return storage_summary(list(self._artifacts.values()), self.backbone_bytes())
+
+    def pretrained_state(self) -> dict[str, torch.Tensor]:
+        """Backbone weights with the pretrained BN statistics, whatever task is loaded."""
+        state = _backbone_state(self.backbone)
+        for key, value in self.pretrained_bn.items():
+            state[key] = value
+        return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        return save_bundle(self, path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, map_location: str | torch.device = "cpu"):
+        return load_bundle(path, map_location=map_location)
+
+    @classmethod
+    def from_artifacts(
+        cls,
+        artifacts: Iterable[TaskArtifact | str | os.PathLike],
+        backbone: nn.Module,
+        backbone_name: str | None = None,
+    ) -> MultiTaskModel:
+        """Convenience: ``MultiTaskModel(backbone)`` plus ``add_task`` for each artifact."""
+        loaded = [a if isinstance(a, TaskArtifact) else load_artifact(a) for a in artifacts]
+        name = backbone_name or (loaded[0].backbone if loaded else "unknown")
+        model = cls(backbone, name)
+        for artifact in loaded:
+            model.add_task(artifact)
+        return model
+
+
+# ------------------------------------------------------------------------- bundle file
+def save_bundle(model: MultiTaskModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write backbone (once) + every task into one safetensors file, atomically.
+
+    Refuses to replace an existing file unless ``overwrite``. A SHA-256 digest over metadata
+    and tensors lets :func:`load_bundle` reject damaged files.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"backbone/{k}": v for k, v in model.pretrained_state().items()}
+    tasks_meta = []
+    for i, task in enumerate(model.tasks):
+        artifact = model.artifact(task)
+        tensors.update({f"task{i}/{k}": v for k, v in _tensors(artifact).items()})
+        tasks_meta.append(_meta(artifact))
+    meta = {
+        "backbone": model.backbone_name,
+        "fingerprint": model.fingerprint,
+        "tasks": tasks_meta,
+    }
+    meta_json = json.dumps(meta, sort_keys=True, default=str)
+    metadata = {
+        "format": BUNDLE_FORMAT,
+        "version": str(BUNDLE_VERSION),
+        "meta": meta_json,
+        "digest": _digest(meta_json, tensors),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails instead of clobbering a file created meanwhile
+            os.unlink(tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_bundle(
+    path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
+) -> MultiTaskModel:
+    """Rebuild the multi-task model from a bundle; no download, no pickle."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"bundle {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types and OSError
+        raise ArtifactError(f"{path} is not a readable piggyback bundle: {exc}") from None
+    if metadata.get("format") != BUNDLE_FORMAT:
+        hint = (
+            " (it is a single task artifact: use load_artifact)"
+            if metadata.get("format") == "piggyback-task"
+            else ""
+        )
+        raise ArtifactError(f"{path} is not a piggyback multi-task bundle{hint}")
+    if int(metadata.get("version", "0")) > BUNDLE_VERSION:
+        raise ArtifactError(
+            f"{path} uses bundle format v{metadata['version']}; this piggyback reads up to "
+            f"v{BUNDLE_VERSION}. Upgrade piggyback."
+        )
+    meta_json = metadata.get("meta", "")
+    if _digest(meta_json, tensors) != metadata.get("digest"):
+        raise ArtifactError(f"{path} failed its integrity check: the file was modified or damaged")
+    meta = json.loads(meta_json)
+
+    backbone = build_backbone(meta["backbone"], weights=None).model
+    state = {k[len("backbone/") :]: v for k, v in tensors.items() if k.startswith("backbone/")}
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(
+            f"{path}: backbone weights do not fit {meta['backbone']!r}: {exc}"
+        ) from None
+    backbone = backbone.to(map_location)
+    model = MultiTaskModel(backbone, meta["backbone"])
+    if model.fingerprint != meta["fingerprint"]:
+        raise ArtifactError(f"{path}: backbone weights do not match the recorded fingerprint")
+    for i, task_meta in enumerate(meta["tasks"]):
+        prefix = f"task{i}/"
+        parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        model.add_task(_artifact_from_parts(task_meta, parts))
+    return model
