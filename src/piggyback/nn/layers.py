@@ -7,6 +7,8 @@ padding_mode, dilation, groups, bias) and every ``isinstance`` check keeps worki
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,28 @@ class MaskedLayerMixin:
     threshold: float
     threshold_fn: str
     grad_rescale: str
+
+    @classmethod
+    def _wrap(
+        cls,
+        source: nn.Module,
+        *,
+        mask_init: str = "1s",
+        mask_scale: float = DEFAULT_MASK_SCALE,
+        threshold: float = DEFAULT_THRESHOLD,
+        threshold_fn: str = "binarizer",
+        grad_rescale: str = "none",
+    ):
+        layer = cls.__new__(cls)
+        adopt_state(layer, source)
+        layer._setup_mask(
+            mask_init=mask_init,
+            mask_scale=mask_scale,
+            threshold=threshold,
+            threshold_fn=threshold_fn,
+            grad_rescale=grad_rescale,
+        )
+        return layer
 
     def _setup_mask(
         self,
@@ -119,26 +143,9 @@ class MaskedConv2d(MaskedLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` computing with ``W * M``; build it with :meth:`from_conv`."""
 
     @classmethod
-    def from_conv(
-        cls,
-        conv: nn.Conv2d,
-        *,
-        mask_init: str = "1s",
-        mask_scale: float = DEFAULT_MASK_SCALE,
-        threshold: float = DEFAULT_THRESHOLD,
-        threshold_fn: str = "binarizer",
-        grad_rescale: str = "none",
-    ) -> MaskedConv2d:
-        layer = cls.__new__(cls)
-        adopt_state(layer, conv)
-        layer._setup_mask(
-            mask_init=mask_init,
-            mask_scale=mask_scale,
-            threshold=threshold,
-            threshold_fn=threshold_fn,
-            grad_rescale=grad_rescale,
-        )
-        return layer
+    def from_conv(cls, conv: nn.Conv2d, **mask_options: Any) -> MaskedConv2d:
+        """Wrap ``conv`` (tensors shared, not copied); options as in :meth:`_wrap`."""
+        return cls._wrap(conv, **mask_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(owns_grad=True), self.bias)
@@ -151,26 +158,9 @@ class MaskedLinear(MaskedLayerMixin, nn.Linear):
     """``nn.Linear`` computing with ``W * M``; build it with :meth:`from_linear`."""
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        *,
-        mask_init: str = "1s",
-        mask_scale: float = DEFAULT_MASK_SCALE,
-        threshold: float = DEFAULT_THRESHOLD,
-        threshold_fn: str = "binarizer",
-        grad_rescale: str = "none",
-    ) -> MaskedLinear:
-        layer = cls.__new__(cls)
-        adopt_state(layer, linear)
-        layer._setup_mask(
-            mask_init=mask_init,
-            mask_scale=mask_scale,
-            threshold=threshold,
-            threshold_fn=threshold_fn,
-            grad_rescale=grad_rescale,
-        )
-        return layer
+    def from_linear(cls, linear: nn.Linear, **mask_options: Any) -> MaskedLinear:
+        """Wrap ``linear`` (tensors shared, not copied); options as in :meth:`_wrap`."""
+        return cls._wrap(linear, **mask_options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.effective_weight(owns_grad=True), self.bias)
