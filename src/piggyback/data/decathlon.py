@@ -33,25 +33,15 @@ from torchvision import transforms as T
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.data.finegrained import ImageListDataset
 from piggyback.data.transforms import decathlon_geometry, decathlon_transform
+from piggyback.metrics import DECATHLON_DOMAINS
 
 log = logging.getLogger(__name__)
 
 DEVKIT_DIR = "decathlon-1.0"
 STATS_FILE = "decathlon_mean_std.json"
 
-#: Devkit domain names and their class counts.
-DECATHLON_CLASSES: dict[str, int] = {
-    "aircraft": 100,
-    "cifar100": 100,
-    "daimlerpedcls": 2,
-    "dtd": 47,
-    "gtsrb": 43,
-    "imagenet12": 1000,
-    "omniglot": 1623,
-    "svhn": 10,
-    "ucf101": 101,
-    "vgg-flowers": 102,
-}
+#: Devkit domain names and their class counts (the single table lives in piggyback.metrics).
+DECATHLON_CLASSES: dict[str, int] = dict(DECATHLON_DOMAINS)
 
 _LAYOUT = (
     "expected layout: <root>/decathlon-1.0/annotations/<domain>_{train,val,test_stripped}.json "
