@@ -8,10 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from piggyback.masks import load_artifact
+from piggyback.nn import get_masks
 from piggyback.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +135,17 @@ def test_missing_dataset_is_a_clear_error_with_exit_code_2(tmp_path, demo_cache)
     assert "Traceback" not in result.stderr
 
 
+class DumpMasks(L.Callback):
+    """Each rank saves its final masks (module level: ddp_spawn pickles callbacks)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer, pl_module):
+        masks = get_masks(pl_module.backbone)
+        torch.save(masks, self.folder / f"masks_rank{trainer.global_rank}.pt")
+
+
 @pytest.mark.slow
 def test_cpu_ddp_two_processes_end_with_identical_masks(make_cfg, tmp_path):
     cfg = make_cfg(
@@ -147,25 +160,16 @@ def test_cpu_ddp_two_processes_end_with_identical_masks(make_cfg, tmp_path):
         "callbacks=none",
         "save_artifacts=false",
         "test=false",
+        "method.lr.masks=1e-2",  # steps big enough that 3 of them flip some masks
     )
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        cfg.trainer.callbacks = None
-    import lightning as L
-
     from piggyback.instantiate import build
-    from piggyback.nn import get_masks
     from piggyback.train import build_module
-
-    class DumpMasks(L.Callback):
-        def on_train_end(self, trainer, pl_module):
-            masks = get_masks(pl_module.backbone)
-            torch.save(masks, tmp_path / f"masks_rank{trainer.global_rank}.pt")
 
     datamodule = build(cfg.data)
     module = build_module(cfg, datamodule)
-    trainer = build(cfg.trainer, logger=False, callbacks=[DumpMasks()], enable_checkpointing=False)
+    trainer = build(
+        cfg.trainer, logger=False, callbacks=[DumpMasks(tmp_path)], enable_checkpointing=False
+    )
     trainer.fit(module, datamodule=datamodule)
     rank0 = torch.load(tmp_path / "masks_rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "masks_rank1.pt", weights_only=True)
