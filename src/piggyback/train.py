@@ -50,6 +50,8 @@ def _loggers(cfg: DictConfig, task: str) -> list[Any]:
 
 def _callbacks(cfg: DictConfig, task: str) -> list[Any]:
     callbacks = build_all(cfg.get("callbacks"))
+    if not cfg.trainer.get("enable_progress_bar", True):  # e.g. in logs: the bar goes too
+        callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
     for callback in callbacks:
         if isinstance(callback, L.pytorch.callbacks.ModelCheckpoint) and callback.dirpath:
             callback.dirpath = str(Path(callback.dirpath) / task)
