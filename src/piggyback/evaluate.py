@@ -219,6 +219,9 @@ def load_entries(
             for e in entries
             if newest[(e.artifact.method, e.artifact.backbone, e.artifact.task)] is e
         ]
+    # A run writes its artifacts as it finishes each task, so file times give the training
+    # order (the stored config cannot: its JSON keys are sorted).
+    entries.sort(key=lambda e: (e.path.stat().st_mtime, str(e.path)))
     _assign_labels(entries)
     return entries, notes
 
