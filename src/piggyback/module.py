@@ -14,12 +14,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from piggyback.backbones import build_backbone
+from piggyback.instantiate import build
 from piggyback.masks.artifact import (
     PackedMask,
     TaskArtifact,
@@ -27,8 +27,8 @@ from piggyback.masks.artifact import (
     extract_artifact,
     fingerprint,
     load_bn_state,
+    pack_model_masks,
 )
-from piggyback.masks.packing import mask_kind
 from piggyback.masks.stats import layer_sparsity, total_sparsity
 from piggyback.nn.convert import get_masks, mask_model, masked_layers, reset_masks
 
@@ -183,10 +183,10 @@ class PiggybackModule(L.LightningModule):
         return [g for g in groups if g["params"]]
 
     def configure_optimizers(self):
-        optimizer = instantiate(self.optimizer_cfg)(self.param_groups())
+        optimizer = build(self.optimizer_cfg)(self.param_groups())
         if not self.scheduler_cfg:
             return optimizer
-        scheduler = instantiate(self.scheduler_cfg)(optimizer)
+        scheduler = build(self.scheduler_cfg)(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
@@ -249,20 +249,9 @@ class PiggybackModule(L.LightningModule):
         if self.task is None or self.method == "finetune":
             return
         state = self.tasks[self.task]
-        layers = list(masked_layers(self.backbone))
         versions = self._mask_versions()
-        if layers and (state.masks is None or state.packed_versions != versions):
-            kind = mask_kind(layers[0][1].threshold_fn)
-            state.masks = {
-                name: PackedMask.from_mask(
-                    # a bool mask packs without pack_mask's value checks (~3x faster)
-                    layer.mask_real.detach() > layer.threshold
-                    if kind == "binary"
-                    else layer.mask(),
-                    kind,
-                )
-                for name, layer in layers
-            }
+        if versions and (state.masks is None or state.packed_versions != versions):
+            state.masks = pack_model_masks(self.backbone)
             state.packed_versions = versions
         if self.bn_mode == "train":
             state.bn_state = bn_state_dict(self.backbone)

