@@ -435,7 +435,7 @@ def save_bundle(model: MultiTaskModel, path: str | os.PathLike, *, overwrite: bo
         "fingerprint": model.fingerprint,
         "tasks": tasks_meta,
     }
-    meta_json = json.dumps(meta, sort_keys=True, default=str)
+    meta_json = json.dumps(meta, default=str)  # insertion order = network order
     metadata = {
         "format": BUNDLE_FORMAT,
         "version": str(BUNDLE_VERSION),

@@ -284,7 +284,7 @@ def save_artifact(
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = _tensors(artifact)
-    meta_json = json.dumps(_meta(artifact), sort_keys=True, default=str)
+    meta_json = json.dumps(_meta(artifact), default=str)  # insertion order = network order
     metadata = {
         "format": ARTIFACT_FORMAT,
         "version": str(FORMAT_VERSION),
