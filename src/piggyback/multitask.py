@@ -33,12 +33,12 @@ from torch import nn
 from piggyback.backbones import BackboneError, build_backbone
 from piggyback.masks.artifact import (
     ArtifactError,
-    PackedMask,
     TaskArtifact,
     _digest,
-    _meta,
-    _tensors,
     apply_artifact,
+    artifact_from_parts,
+    artifact_meta,
+    artifact_tensors,
     bn_state_dict,
     check_fingerprint,
     fingerprint,
@@ -139,40 +139,6 @@ def storage_summary(artifacts: Sequence[TaskArtifact], backbone_bytes: int) -> d
         "x_backbone": total / backbone_bytes if backbone_bytes else float("nan"),
         "saving_vs_separate": separate / total if total else float("nan"),
     }
-
-
-def _artifact_from_parts(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]):
-    """Inverse of ``_meta``/``_tensors`` (kept in step with ``load_artifact``)."""
-
-    def group(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    packed = group("mask/")
-    masks = {
-        name: PackedMask(
-            data=packed[name],
-            shape=tuple(info["shape"]),
-            kind=info["kind"],
-            encoding=info["encoding"],
-        )
-        for name, info in meta["masks"].items()
-    }
-    return TaskArtifact(
-        task=meta["task"],
-        num_classes=meta["num_classes"],
-        method=meta["method"],
-        backbone=meta["backbone"],
-        fingerprint=meta["fingerprint"],
-        head=group("head/"),
-        masks=masks,
-        bn_state=group("bn/"),
-        weights=group("weights/"),
-        class_names=meta.get("class_names"),
-        threshold_fn=meta["threshold_fn"],
-        threshold=meta["threshold"],
-        config=meta.get("config"),
-        metrics=meta.get("metrics") or {},
-    )
 
 
 # ------------------------------------------------------------------------- the model
@@ -428,8 +394,8 @@ def save_bundle(model: MultiTaskModel, path: str | os.PathLike, *, overwrite: bo
     tasks_meta = []
     for i, task in enumerate(model.tasks):
         artifact = model.artifact(task)
-        tensors.update({f"task{i}/{k}": v for k, v in _tensors(artifact).items()})
-        tasks_meta.append(_meta(artifact))
+        tensors.update({f"task{i}/{k}": v for k, v in artifact_tensors(artifact).items()})
+        tasks_meta.append(artifact_meta(artifact))
     meta = {
         "backbone": model.backbone_name,
         "fingerprint": model.fingerprint,
@@ -505,5 +471,5 @@ def load_bundle(
     for i, task_meta in enumerate(meta["tasks"]):
         prefix = f"task{i}/"
         parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        model.add_task(_artifact_from_parts(task_meta, parts))
+        model.add_task(artifact_from_parts(task_meta, parts))
     return model

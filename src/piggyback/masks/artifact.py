@@ -236,7 +236,7 @@ def extract_artifact(
     )
 
 
-def _tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
+def artifact_tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
     tensors = {f"mask/{n}": m.data.contiguous() for n, m in artifact.masks.items()}
     tensors.update({f"head/{k}": v.contiguous() for k, v in artifact.head.items()})
     tensors.update({f"bn/{k}": v.contiguous() for k, v in artifact.bn_state.items()})
@@ -244,7 +244,7 @@ def _tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu") for k, v in tensors.items()}
 
 
-def _meta(artifact: TaskArtifact) -> dict[str, Any]:
+def artifact_meta(artifact: TaskArtifact) -> dict[str, Any]:
     return {
         "task": artifact.task,
         "num_classes": artifact.num_classes,
@@ -283,8 +283,8 @@ def save_artifact(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = _tensors(artifact)
-    meta_json = json.dumps(_meta(artifact), default=str)  # insertion order = network order
+    tensors = artifact_tensors(artifact)
+    meta_json = json.dumps(artifact_meta(artifact), default=str)  # insertion order = network order
     metadata = {
         "format": ARTIFACT_FORMAT,
         "version": str(FORMAT_VERSION),
@@ -332,7 +332,13 @@ def load_artifact(path: str | os.PathLike) -> TaskArtifact:
     meta_json = metadata.get("meta", "")
     if _digest(meta_json, tensors) != metadata.get("digest"):
         raise ArtifactError(f"{path} failed its integrity check: the file was modified or damaged")
-    meta = json.loads(meta_json)
+    return artifact_from_parts(json.loads(meta_json), tensors)
+
+
+def artifact_from_parts(
+    meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+) -> TaskArtifact:
+    """Rebuild an artifact from its stored metadata and tensors (files and bundles alike)."""
 
     def group(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
