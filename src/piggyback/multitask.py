@@ -19,10 +19,8 @@ itself, e.g. ~94 MB for ResNet-50) and, once loaded, a full network's memory.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +30,9 @@ from torch import nn
 
 from piggyback.backbones import BackboneError, build_backbone
 from piggyback.masks.artifact import (
+    ARTIFACT_FORMAT,
     ArtifactError,
     TaskArtifact,
-    _digest,
     apply_artifact,
     artifact_from_parts,
     artifact_meta,
@@ -43,6 +41,8 @@ from piggyback.masks.artifact import (
     check_fingerprint,
     fingerprint,
     load_artifact,
+    read_checked_file,
+    write_checked_file,
 )
 from piggyback.nn.convert import mask_model, masked_layers
 
@@ -384,12 +384,6 @@ def save_bundle(model: MultiTaskModel, path: str | os.PathLike, *, overwrite: bo
     Refuses to replace an existing file unless ``overwrite``. A SHA-256 digest over metadata
     and tensors lets :func:`load_bundle` reject damaged files.
     """
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"backbone/{k}": v for k, v in model.pretrained_state().items()}
     tasks_meta = []
     for i, task in enumerate(model.tasks):
@@ -401,61 +395,27 @@ def save_bundle(model: MultiTaskModel, path: str | os.PathLike, *, overwrite: bo
         "fingerprint": model.fingerprint,
         "tasks": tasks_meta,
     }
-    meta_json = json.dumps(meta, default=str)  # insertion order = network order
-    metadata = {
-        "format": BUNDLE_FORMAT,
-        "version": str(BUNDLE_VERSION),
-        "meta": meta_json,
-        "digest": _digest(meta_json, tensors),
-    }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails instead of clobbering a file created meanwhile
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_checked_file(
+        path,
+        tensors,
+        meta,
+        file_format=BUNDLE_FORMAT,
+        version=BUNDLE_VERSION,
+        overwrite=overwrite,
+    )
 
 
 def load_bundle(
     path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
 ) -> MultiTaskModel:
     """Rebuild the multi-task model from a bundle; no download, no pickle."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"bundle {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types and OSError
-        raise ArtifactError(f"{path} is not a readable piggyback bundle: {exc}") from None
-    if metadata.get("format") != BUNDLE_FORMAT:
-        hint = (
-            " (it is a single task artifact: use load_artifact)"
-            if metadata.get("format") == "piggyback-task"
-            else ""
-        )
-        raise ArtifactError(f"{path} is not a piggyback multi-task bundle{hint}")
-    if int(metadata.get("version", "0")) > BUNDLE_VERSION:
-        raise ArtifactError(
-            f"{path} uses bundle format v{metadata['version']}; this piggyback reads up to "
-            f"v{BUNDLE_VERSION}. Upgrade piggyback."
-        )
-    meta_json = metadata.get("meta", "")
-    if _digest(meta_json, tensors) != metadata.get("digest"):
-        raise ArtifactError(f"{path} failed its integrity check: the file was modified or damaged")
-    meta = json.loads(meta_json)
-
+    meta, tensors = read_checked_file(
+        path,
+        file_format=BUNDLE_FORMAT,
+        version=BUNDLE_VERSION,
+        what="multi-task bundle",
+        format_hints={ARTIFACT_FORMAT: " (it is a single task artifact: use load_artifact)"},
+    )
     backbone = build_backbone(meta["backbone"], weights=None).model
     state = {k[len("backbone/") :]: v for k, v in tensors.items() if k.startswith("backbone/")}
     try:

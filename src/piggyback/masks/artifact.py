@@ -277,24 +277,45 @@ def save_artifact(
     artifact: TaskArtifact, path: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
     """Write atomically (temp file + rename); refuse to replace a file unless ``overwrite``."""
+    return write_checked_file(
+        path,
+        artifact_tensors(artifact),
+        artifact_meta(artifact),
+        file_format=ARTIFACT_FORMAT,
+        version=FORMAT_VERSION,
+        overwrite=overwrite,
+    )
+
+
+def write_checked_file(
+    path: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+    *,
+    file_format: str,
+    version: int,
+    overwrite: bool = False,
+) -> Path:
+    """The one writer of piggyback files (artifacts and bundles): safetensors with a format
+    tag, a version, JSON metadata and a digest; written to a temp file and then linked into
+    place, so a crash never leaves half a file and an existing file is never clobbered."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = artifact_tensors(artifact)
-    meta_json = json.dumps(artifact_meta(artifact), default=str)  # insertion order = network order
+    meta_json = json.dumps(meta, default=str)  # insertion order = network order
     metadata = {
-        "format": ARTIFACT_FORMAT,
-        "version": str(FORMAT_VERSION),
+        "format": file_format,
+        "version": str(version),
         "meta": meta_json,
         "digest": _digest(meta_json, tensors),
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(dict(tensors), tmp, metadata=metadata)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -307,32 +328,53 @@ def save_artifact(
     return path
 
 
-def load_artifact(path: str | os.PathLike) -> TaskArtifact:
-    """Read and verify an artifact; any damage raises :class:`ArtifactError`."""
+def read_checked_file(
+    path: str | os.PathLike,
+    *,
+    file_format: str,
+    version: int,
+    what: str,
+    format_hints: Mapping[str, str] | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a file written by :func:`write_checked_file`; any damage raises ArtifactError.
+
+    ``what`` names the file kind in messages; ``format_hints`` maps another piggyback format
+    to a hint (e.g. "use load_artifact") for files opened with the wrong loader.
+    """
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise ArtifactError(f"task artifact {path} does not exist")
+        raise ArtifactError(f"{what} {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types and OSError
         raise ArtifactError(
-            f"{path} is not a readable piggyback task artifact (truncated or corrupt?): {exc}"
+            f"{path} is not a readable piggyback {what} (truncated or corrupt?): {exc}"
         ) from None
-    if metadata.get("format") != ARTIFACT_FORMAT:
-        raise ArtifactError(f"{path} is a safetensors file but not a piggyback task artifact")
-    if int(metadata.get("version", "0")) > FORMAT_VERSION:
+    found = metadata.get("format")
+    if found != file_format:
+        hint = (format_hints or {}).get(found, "")
+        raise ArtifactError(f"{path} is a safetensors file but not a piggyback {what}{hint}")
+    if int(metadata.get("version", "0")) > version:
         raise ArtifactError(
-            f"{path} uses artifact format v{metadata['version']}; this piggyback reads up to "
-            f"v{FORMAT_VERSION}. Upgrade piggyback."
+            f"{path} uses {what} format v{metadata['version']}; this piggyback reads up to "
+            f"v{version}. Upgrade piggyback."
         )
     meta_json = metadata.get("meta", "")
     if _digest(meta_json, tensors) != metadata.get("digest"):
         raise ArtifactError(f"{path} failed its integrity check: the file was modified or damaged")
-    return artifact_from_parts(json.loads(meta_json), tensors)
+    return json.loads(meta_json), tensors
+
+
+def load_artifact(path: str | os.PathLike) -> TaskArtifact:
+    """Read and verify an artifact; any damage raises :class:`ArtifactError`."""
+    meta, tensors = read_checked_file(
+        path, file_format=ARTIFACT_FORMAT, version=FORMAT_VERSION, what="task artifact"
+    )
+    return artifact_from_parts(meta, tensors)
 
 
 def artifact_from_parts(
