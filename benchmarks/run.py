@@ -120,9 +120,9 @@ def realistic_masks(
 
 def set_realistic_masks(backbone: nn.Module, zeros: float, seed: int) -> float:
     """Load realistic masks into every masked layer; returns the actual zero fraction."""
-    from piggyback.nn.convert import masked_layers
+    from piggyback.nn.convert import masked_weights
 
-    layers = [layer for _, layer in masked_layers(backbone)]
+    layers = [layer for _, layer in masked_weights(backbone)]
     masks = realistic_masks(
         [tuple(layer.weight.shape) for layer in layers], zeros, np.random.default_rng(seed)
     )

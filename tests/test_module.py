@@ -8,7 +8,7 @@ import torch
 
 from piggyback.data.digits import DigitsDataModule
 from piggyback.module import PiggybackModule
-from piggyback.nn import get_masks, masked_layers
+from piggyback.nn import get_masks, masked_weights
 
 
 def _trainer(tmp_path, epochs=1, **kw):
@@ -55,7 +55,7 @@ def test_no_forgetting_task_a_logits_bit_identical_after_task_b(tmp_path, demo_c
     logits_a = _logits(module, data_a)
     masks_a = get_masks(module.backbone)
     assert any((m == 0).any() for m in masks_a.values()), "task A learned no mask at all"
-    frozen = {n: layer.weight.clone() for n, layer in masked_layers(module.backbone)}
+    frozen = {n: layer.weight.clone() for n, layer in masked_weights(module.backbone)}
 
     module.add_task("digits_inverted", 10)
     _trainer(tmp_path).fit(module, data_b)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from piggyback.module import PiggybackModule
-from piggyback.nn import MaskedConv2d, MaskedLinear, masked_layers
+from piggyback.nn import MaskedConv2d, MaskedLinear, masked_weights
 
 
 def _layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
@@ -72,8 +72,8 @@ def test_channels_last_module_trains_one_step_on_cpu(tmp_path, precision):
         channels_last=True,
         log_layer_sparsity=False,
     )
-    before = {n: layer.mask_real.detach().clone() for n, layer in masked_layers(module.backbone)}
-    weights = {n: layer.weight.detach().clone() for n, layer in masked_layers(module.backbone)}
+    before = {n: layer.mask_real.detach().clone() for n, layer in masked_weights(module.backbone)}
+    weights = {n: layer.weight.detach().clone() for n, layer in masked_weights(module.backbone)}
     data = TensorDataset(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
     trainer = L.Trainer(
         max_steps=1,
@@ -90,7 +90,7 @@ def test_channels_last_module_trains_one_step_on_cpu(tmp_path, precision):
     trainer.fit(module, DataLoader(data, batch_size=4))
     assert trainer.global_step == 1
     changed = 0
-    for name, layer in masked_layers(module.backbone):
+    for name, layer in masked_weights(module.backbone):
         assert layer.mask_real.dtype == torch.float32
         if layer.mask_real.dim() == 4:
             assert layer.mask_real.is_contiguous(memory_format=torch.channels_last)

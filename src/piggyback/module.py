@@ -30,7 +30,7 @@ from piggyback.masks.artifact import (
     pack_model_masks,
 )
 from piggyback.masks.stats import layer_sparsity, total_sparsity
-from piggyback.nn.convert import get_masks, mask_model, masked_layers, reset_masks
+from piggyback.nn.convert import get_masks, mask_model, masked_weights, reset_masks
 
 METHODS = ("piggyback", "finetune", "classifier_only")
 BN_MODES = ("frozen", "train")
@@ -50,6 +50,7 @@ DEFAULT_MASK = {
     "threshold": 5e-3,
     "threshold_fn": "binarizer",
     "grad_rescale": "none",
+    "target": None,
     "exclude": [],
 }
 
@@ -136,8 +137,7 @@ class PiggybackModule(L.LightningModule):
         self.backbone_fingerprint = fingerprint(self.backbone)
         self.pretrained_bn = bn_state_dict(self.backbone)
         if method == "piggyback":
-            mask_kwargs = {k: v for k, v in self.mask_cfg.items() if k != "exclude"}
-            mask_model(self.backbone, exclude=self.mask_cfg["exclude"], **mask_kwargs)
+            mask_model(self.backbone, **self.mask_cfg)
         self._freeze_backbone()
 
         self.heads = nn.ModuleDict()
@@ -162,7 +162,7 @@ class PiggybackModule(L.LightningModule):
                     param.requires_grad_(False)
 
     def mask_parameters(self) -> list[nn.Parameter]:
-        return [layer.mask_real for _, layer in masked_layers(self.backbone)]
+        return [layer.mask_real for _, layer in masked_weights(self.backbone)]
 
     def bn_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.backbone.modules() if isinstance(m, _BN) for p in m.parameters()]
@@ -242,7 +242,7 @@ class PiggybackModule(L.LightningModule):
             head.requires_grad_(name == self.task)
 
     def _mask_versions(self) -> list[int]:
-        return [layer.mask_real._version for _, layer in masked_layers(self.backbone)]
+        return [layer.mask_real._version for _, layer in masked_weights(self.backbone)]
 
     def commit_task(self) -> None:
         """Store the current task's mask (packed) and BN state so another task can run."""
@@ -265,7 +265,7 @@ class PiggybackModule(L.LightningModule):
             raise KeyError(f"unknown task {task!r}; known tasks: {sorted(self.tasks)}")
         self.commit_task()
         state = self.tasks[task]
-        for name, layer in masked_layers(self.backbone):
+        for name, layer in masked_weights(self.backbone):
             layer.set_mask(state.masks[name].unpack(dtype=None))
         load_bn_state(self.backbone, state.bn_state or self.pretrained_bn)
         state.packed_versions = self._mask_versions()

@@ -31,6 +31,7 @@ from torch import nn
 from piggyback.backbones import BackboneError, build_backbone
 from piggyback.masks.artifact import (
     ARTIFACT_FORMAT,
+    FINGERPRINT_SCHEME,
     ArtifactError,
     TaskArtifact,
     apply_artifact,
@@ -40,11 +41,19 @@ from piggyback.masks.artifact import (
     bn_state_dict,
     check_fingerprint,
     fingerprint,
+    fingerprint_for,
+    legacy_fingerprint,
     load_artifact,
     read_checked_file,
     write_checked_file,
 )
-from piggyback.nn.convert import mask_model, masked_layers
+from piggyback.nn.convert import (
+    MaskingError,
+    frozen_state_dict,
+    mask_model,
+    masked_weights,
+    weight_names,
+)
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -60,7 +69,7 @@ __all__ = [
 ]
 
 BUNDLE_FORMAT = "piggyback-bundle"
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # v2: parameter-named masks, state fingerprint; v1 still loads
 SUPPORTED_METHODS = ("piggyback", "classifier_only", "finetune")
 
 
@@ -82,8 +91,8 @@ def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
 
 
 def _backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The frozen weights without the per-task ``mask_real`` buffers of masked layers."""
-    return {k: v for k, v in backbone.state_dict().items() if not k.endswith("mask_real")}
+    """The frozen weights without the per-task ``mask_real`` tensors of masked weights."""
+    return frozen_state_dict(backbone)
 
 
 def architecture_bytes(name: str) -> int:
@@ -93,10 +102,12 @@ def architecture_bytes(name: str) -> int:
 
 @functools.lru_cache(maxsize=8)
 def layer_order(backbone_name: str) -> tuple[str, ...]:
-    """Conv/linear layer names of an architecture in network order (built offline, no weights)."""
+    """Maskable weight names of an architecture in network order (built offline, no weights)."""
     model = build_backbone(backbone_name, weights=None).model
     return tuple(
-        name for name, m in model.named_modules() if name and isinstance(m, (nn.Conv2d, nn.Linear))
+        f"{name}.{pname}" if name else pname
+        for name, m in model.named_modules()
+        for pname in weight_names(m)
     )
 
 
@@ -196,21 +207,21 @@ class MultiTaskModel(nn.Module):
 
     def _ensure_masked(self, artifact: TaskArtifact) -> None:
         """Mask exactly the layers the artifact masks (the first piggyback task decides)."""
-        layers = dict(masked_layers(self.backbone))
+        layers = dict(masked_weights(self.backbone))
         if not layers:
-            convs = [
-                name
-                for name, m in self.backbone.named_modules()
-                if name and isinstance(m, (nn.Conv2d, nn.Linear))
-            ]
-            mask_model(
-                self.backbone,
-                threshold=artifact.threshold,
-                threshold_fn=artifact.threshold_fn,
-                exclude=[n for n in convs if n not in artifact.masks],
-            )
+            try:
+                mask_model(
+                    self.backbone,
+                    threshold=artifact.threshold,
+                    threshold_fn=artifact.threshold_fn,
+                    target=list(artifact.masks),
+                )
+            except MaskingError as exc:
+                raise ArtifactError(
+                    f"task {artifact.task!r} does not fit this model: {exc}"
+                ) from None
             self.backbone.requires_grad_(False)
-            layers = dict(masked_layers(self.backbone))
+            layers = dict(masked_weights(self.backbone))
             self._loaded = None  # new mask buffers: whatever was loaded must be re-applied
         if set(layers) != set(artifact.masks):
             diff = sorted(set(layers) ^ set(artifact.masks))[:5]
@@ -257,7 +268,7 @@ class MultiTaskModel(nn.Module):
                 f"task {artifact.task!r} is already in this model; pass replace=True to swap "
                 "it, or keep the two versions in separate models"
             )
-        check_fingerprint(artifact, self.fingerprint)
+        check_fingerprint(artifact, fingerprint_for(artifact, self.backbone, self.fingerprint))
         if artifact.method == "piggyback":
             self._ensure_masked(artifact)
         head = artifact.build_head().to(self._device())
@@ -291,7 +302,7 @@ class MultiTaskModel(nn.Module):
         self.task = task
         if artifact.method == "finetune" or self._loaded == task:
             return
-        for _, layer in masked_layers(self.backbone):  # binary and ternary tasks may mix
+        for _, layer in masked_weights(self.backbone):  # binary and ternary tasks may mix
             layer.threshold, layer.threshold_fn = artifact.threshold, artifact.threshold_fn
         apply_artifact(
             self.backbone,
@@ -426,7 +437,13 @@ def load_bundle(
         ) from None
     backbone = backbone.to(map_location)
     model = MultiTaskModel(backbone, meta["backbone"])
-    if model.fingerprint != meta["fingerprint"]:
+    recorded = str(meta["fingerprint"])
+    current = (
+        model.fingerprint
+        if recorded.startswith(f"{FINGERPRINT_SCHEME}:")
+        else legacy_fingerprint(backbone)  # a format-1 bundle
+    )
+    if current != recorded:
         raise ArtifactError(f"{path}: backbone weights do not match the recorded fingerprint")
     for i, task_meta in enumerate(meta["tasks"]):
         prefix = f"task{i}/"

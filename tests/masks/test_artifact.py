@@ -15,7 +15,7 @@ from piggyback.masks import (
     load_artifact,
     save_artifact,
 )
-from piggyback.nn import get_masks, mask_model, masked_layers, reset_masks, strip_classifier
+from piggyback.nn import get_masks, mask_model, masked_weights, reset_masks, strip_classifier
 
 
 def _backbone(seed=0):
@@ -174,7 +174,7 @@ def test_ternary_and_compressible_round_trip(tmp_path):
     loaded = load_artifact(path)
     assert {m.kind for m in loaded.masks.values()} == {"ternary"}
     expected = get_masks(backbone)
-    for _, layer in masked_layers(backbone):
+    for _, layer in masked_weights(backbone):
         layer.reset_mask("1s")
     apply_artifact(backbone, loaded)
     for name, mask in get_masks(backbone).items():

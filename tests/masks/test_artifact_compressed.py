@@ -19,7 +19,7 @@ from piggyback.masks import (
     save_artifact,
 )
 from piggyback.masks.artifact import PackedMask
-from piggyback.nn import get_masks, mask_model, masked_layers, reset_masks, strip_classifier
+from piggyback.nn import get_masks, mask_model, masked_weights, reset_masks, strip_classifier
 
 
 def _backbone() -> tuple[nn.Module, int]:
@@ -35,7 +35,7 @@ def _set_masks(backbone: nn.Module, zeros: float, *, clustered: bool, seed: int 
     """
     rng = np.random.default_rng(seed)
     ones = total = 0
-    for _, layer in masked_layers(backbone):
+    for _, layer in masked_weights(backbone):
         shape = tuple(layer.weight.shape)
         if clustered:
             rate = rng.beta(zeros * 4.0, (1.0 - zeros) * 4.0, size=shape[0])

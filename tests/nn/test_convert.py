@@ -6,11 +6,10 @@ import torchvision
 from torch import nn
 
 from piggyback.nn import (
-    MaskedConv2d,
-    MaskedLinear,
+    MaskingError,
     get_masks,
     mask_model,
-    masked_layers,
+    masked_weights,
     materialize,
     num_masked_weights,
     set_masks,
@@ -19,8 +18,10 @@ from piggyback.nn import (
 
 
 def _count(model):
-    convs = sum(isinstance(m, MaskedConv2d) for _, m in masked_layers(model))
-    fcs = sum(isinstance(m, MaskedLinear) for _, m in masked_layers(model))
+    modules = dict(model.named_modules())
+    hosts = [modules[name.rpartition(".")[0]] for name, _ in masked_weights(model)]
+    convs = sum(isinstance(m, nn.Conv2d) for m in hosts)
+    fcs = sum(isinstance(m, nn.Linear) for m in hosts)
     return convs, fcs
 
 
@@ -38,9 +39,11 @@ def test_paper_backbones_layer_counts(name, convs, fcs):
     model, _ = strip_classifier(model)
     mask_model(model)
     assert _count(model) == (convs, fcs)
-    for _, layer in masked_layers(model):
-        trainable = [n for n, p in layer.named_parameters() if p.requires_grad]
-        assert trainable == ["mask_real"]
+    modules = dict(model.named_modules())
+    for name, _ in masked_weights(model):
+        host = modules[name.rpartition(".")[0]]
+        trainable = [n for n, p in host.named_parameters() if p.requires_grad]
+        assert trainable == ["piggyback.weight.mask_real"]
 
 
 def test_resnet50_masked_weight_count():
@@ -57,7 +60,7 @@ def test_1s_init_is_bit_identical_on_other_cnns(name):
     torch.manual_seed(0)
     original = getattr(torchvision.models, name)(weights=None).eval()
     masked = mask_model(copy.deepcopy(original)).eval()
-    assert len(list(masked_layers(masked))) > 0
+    assert len(list(masked_weights(masked))) > 0
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(masked(x), original(x))
@@ -76,18 +79,18 @@ def test_1s_init_bit_identical_resnet50_and_vgg16_bn():
 def test_exclude_by_name_and_pattern():
     model = torchvision.models.resnet18(weights=None)
     mask_model(model, exclude=["fc", "layer4.*", "conv1"])
-    names = [n for n, _ in masked_layers(model)]
+    names = [n for n, _ in masked_weights(model)]
     assert "fc" not in names and "conv1" not in names
     assert not any(n.startswith("layer4") for n in names)
-    assert "layer1.0.conv1" in names
-    assert isinstance(model.fc, nn.Linear) and not isinstance(model.fc, MaskedLinear)
+    assert "layer1.0.conv1.weight" in names
+    assert type(model.fc) is nn.Linear
 
 
 def test_mask_model_is_idempotent():
     model = mask_model(torchvision.models.resnet18(weights=None))
-    layer = model.layer1[0].conv1
+    mask = model.layer1[0].conv1.piggyback["weight"]
     mask_model(model)
-    assert model.layer1[0].conv1 is layer
+    assert model.layer1[0].conv1.piggyback["weight"] is mask
 
 
 def test_uniform_init_masks_off_weights():
@@ -105,13 +108,13 @@ def test_materialize_gives_plain_model_with_same_outputs():
     torch.manual_seed(0)
     model = mask_model(torchvision.models.resnet18(weights=None), mask_init="uniform").eval()
     plain = materialize(model).eval()
-    assert not list(masked_layers(plain))
+    assert not list(masked_weights(plain))
     assert all(not n.endswith("mask_real") for n, _ in plain.named_parameters())
     assert type(plain.layer1[0].conv1) is nn.Conv2d and type(plain.fc) is nn.Linear
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(plain(x), model(x), atol=1e-5)
-    assert list(masked_layers(model))  # original untouched
+    assert list(masked_weights(model))  # original untouched
 
 
 def test_materialized_model_exports_with_torch_export():
@@ -130,7 +133,7 @@ def test_set_masks_checks_layer_names():
     model = mask_model(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2)))
     masks = get_masks(model)
     set_masks(model, masks)
-    masks.pop("1")
+    masks.pop("1.weight")
     with pytest.raises(ValueError, match="missing"):
         set_masks(model, masks)
 
@@ -138,3 +141,44 @@ def test_set_masks_checks_layer_names():
 def test_strip_classifier_needs_a_linear():
     with pytest.raises(ValueError, match="no nn.Linear"):
         strip_classifier(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+def test_target_patterns_select_modules_and_parameters():
+    model = torchvision.models.resnet18(weights=None)
+    mask_model(model, target=["layer4.*", "conv1"], exclude=["layer4.1.*"])
+    names = [n for n, _ in masked_weights(model)]
+    assert "conv1.weight" in names and "layer4.0.conv1.weight" in names
+    assert not any(n.startswith(("layer1", "layer4.1")) for n in names)
+    with pytest.raises(MaskingError, match="match no parameter"):
+        mask_model(torchvision.models.resnet18(weights=None), target=["layer9.*"])
+
+
+def test_refuses_what_a_mask_cannot_act_on():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+    with pytest.raises(MaskingError, match=r"'a.weight'.*also used as \['b.weight'\]"):
+        mask_model(Tied())
+    with pytest.raises(MaskingError, match=r"'0.weight' \(torch.nn.modules.sparse.Embedding\)"):
+        mask_model(nn.Sequential(nn.Embedding(5, 3)), target=["0.weight"])
+    norm = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)))
+    with pytest.raises(MaskingError, match="'0.weight'.*already reparametrized"):
+        mask_model(norm)
+    with pytest.raises(MaskingError, match="lazy"):
+        mask_model(nn.Sequential(nn.LazyLinear(3)))
+
+
+def test_masked_model_pickles_and_deep_copies():
+    import pickle
+
+    torch.manual_seed(0)
+    model = mask_model(torchvision.models.resnet18(weights=None), mask_init="uniform").eval()
+    x = torch.randn(1, 3, 32, 32)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(clone.layer1[0].conv1) is type(model.layer1[0].conv1)
+        clone.layer1[0].conv1.piggyback["weight"].mask_real.data.fill_(1.0)
+        with torch.no_grad():
+            assert not torch.equal(clone(x), model(x))  # its own masks, not the original's

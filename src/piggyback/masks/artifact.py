@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from piggyback.masks.packing import mask_kind, pack_mask, packed_size, unpack_mask
-from piggyback.nn.convert import masked_layers
+from piggyback.nn.convert import frozen_state_dict, masked_weights
 
 ARTIFACT_FORMAT = "piggyback-task"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""v2: masks named by parameter (``conv1.weight``), state fingerprint. v1 files still load."""
 METHODS: tuple[str, ...] = ("piggyback", "finetune", "classifier_only")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
@@ -120,24 +121,52 @@ class TaskArtifact:
         return head
 
 
-def fingerprint(backbone: nn.Module) -> str:
-    """SHA-256 of the frozen conv/linear weights and biases (names, shapes, dtypes, bytes).
+FINGERPRINT_SCHEME = "state-v2"
+"""Prefix of current fingerprints; artifacts without it carry the v1 (conv/linear) scheme."""
 
-    Masks, heads and BN statistics are left out: they are what a task changes. Conv and
-    linear weights are what every task's masks are multiplied with.
+
+def _hash_tensor(digest: Any, key: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().to("cpu").contiguous()
+    digest.update(f"{key}:{tuple(t.shape)}:{t.dtype};".encode())
+    digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def fingerprint(backbone: nn.Module, *, bn_state: Mapping[str, torch.Tensor] | None = None) -> str:
+    """SHA-256 of everything a task's predictions depend on in the frozen backbone.
+
+    That is the whole state dict except the per-task masks: conv/linear/attention weights
+    and biases, BatchNorm affine parameters *and running statistics* (two backbones with the
+    same weights but other BN statistics predict differently), embeddings, LayerNorms.
+    ``bn_state`` (the pretrained BN state) replaces the live BN tensors, so a backbone that
+    currently runs a task with its own trained BN still fingerprints as the pretrained one.
     """
+    digest = hashlib.sha256()
+    state = frozen_state_dict(backbone)
+    if bn_state is not None:
+        state.update({k: v for k, v in bn_state.items() if k in state})
+    for key, tensor in state.items():
+        _hash_tensor(digest, key, tensor)
+    return f"{FINGERPRINT_SCHEME}:{digest.hexdigest()}"
+
+
+def legacy_fingerprint(backbone: nn.Module) -> str:
+    """The v1 fingerprint (format-1 artifacts): frozen ``nn.Conv2d``/``nn.Linear`` tensors only."""
     digest = hashlib.sha256()
     for name, module in backbone.named_modules():
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             continue
         for pname in ("weight", "bias"):
-            tensor = getattr(module, pname, None)
-            if tensor is None:
-                continue
-            t = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}.{pname}:{tuple(t.shape)}:{t.dtype};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
+            tensor = module._parameters.get(pname)
+            if tensor is not None:
+                _hash_tensor(digest, f"{name}.{pname}", tensor)
     return digest.hexdigest()
+
+
+def fingerprint_for(artifact: TaskArtifact, backbone: nn.Module, current: str | None = None) -> str:
+    """The backbone's fingerprint in the scheme ``artifact`` was written with."""
+    if not artifact.fingerprint.startswith(f"{FINGERPRINT_SCHEME}:"):
+        return legacy_fingerprint(backbone)
+    return current or fingerprint(backbone)
 
 
 def bn_state_dict(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -172,7 +201,7 @@ def pack_model_masks(backbone: nn.Module, encoding: str = "bits") -> dict[str, P
     Binary masks are handed over as bool (``mask_real > threshold``): packing a bool tensor
     skips the alphabet checks a float mask needs, about 3x faster on a ResNet-50.
     """
-    layers = list(masked_layers(backbone))
+    layers = list(masked_weights(backbone))
     if not layers:
         return {}
     kind = mask_kind(layers[0][1].threshold_fn)
@@ -207,7 +236,7 @@ def extract_artifact(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    layers = list(masked_layers(backbone))
+    layers = list(masked_weights(backbone))
     threshold_fn = layers[0][1].threshold_fn if layers else "binarizer"
     threshold = layers[0][1].threshold if layers else 5e-3
     masks = {}
@@ -386,8 +415,11 @@ def artifact_from_parts(
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     packed = group("mask/")
+    # Format 1 (fingerprint without scheme prefix) named masks by module; every masked
+    # module then was a Conv2d or Linear, so its parameter name is ``<module>.weight``.
+    legacy = not str(meta["fingerprint"]).startswith(f"{FINGERPRINT_SCHEME}:")
     masks = {
-        name: PackedMask(
+        f"{name}.weight" if legacy else name: PackedMask(
             data=packed[name],
             shape=tuple(info["shape"]),
             kind=info["kind"],
@@ -436,7 +468,8 @@ def apply_artifact(
     ResNet-50 costs ~0.1 s). ``pretrained_bn`` restores the shared BN statistics for tasks
     that did not train their own BN.
     """
-    check_fingerprint(artifact, backbone_fingerprint or fingerprint(backbone))
+    current = backbone_fingerprint or fingerprint(backbone, bn_state=pretrained_bn)
+    check_fingerprint(artifact, fingerprint_for(artifact, backbone, current))
     if artifact.method == "finetune":
         try:
             backbone.load_state_dict(artifact.weights)
@@ -445,7 +478,7 @@ def apply_artifact(
                 f"fine-tuned weights of {artifact.task!r} do not fit: {exc}"
             ) from None
         return artifact.build_head()
-    layers = dict(masked_layers(backbone))
+    layers = dict(masked_weights(backbone))
     if artifact.method == "piggyback":
         if set(layers) != set(artifact.masks):
             missing = sorted(set(layers) ^ set(artifact.masks))[:5]

@@ -1,17 +1,30 @@
-"""Masked layers, straight-through threshold functions and model conversion."""
+"""Weight masks (tensor reparametrization), straight-through thresholds, model conversion."""
 
 from piggyback.nn.convert import (
+    MASKABLE_TYPES,
+    MaskingError,
+    frozen_state_dict,
     get_masks,
     mask_model,
     mask_parameters,
-    masked_layers,
+    masked_modules,
+    masked_weights,
     materialize,
     num_masked_weights,
     reset_masks,
     set_masks,
     strip_classifier,
+    unmask_model,
+    weight_names,
 )
-from piggyback.nn.layers import MASK_INITS, MaskedConv2d, MaskedLayerMixin, MaskedLinear
+from piggyback.nn.layers import (
+    MASK_INITS,
+    WeightMask,
+    add_weight_mask,
+    is_masked,
+    module_masks,
+    remove_weight_masks,
+)
 from piggyback.nn.threshold import (
     DEFAULT_THRESHOLD,
     GRAD_RESCALES,
@@ -25,22 +38,30 @@ from piggyback.nn.threshold import (
 __all__ = [
     "DEFAULT_THRESHOLD",
     "GRAD_RESCALES",
+    "MASKABLE_TYPES",
     "MASK_INITS",
     "THRESHOLD_FNS",
-    "MaskedConv2d",
-    "MaskedLayerMixin",
-    "MaskedLinear",
+    "MaskingError",
+    "WeightMask",
+    "add_weight_mask",
     "binarizer",
+    "frozen_state_dict",
     "get_masks",
+    "is_masked",
     "mask_model",
     "mask_parameters",
-    "masked_layers",
+    "masked_modules",
     "masked_weight",
+    "masked_weights",
     "materialize",
+    "module_masks",
     "num_masked_weights",
     "quantize",
+    "remove_weight_masks",
     "reset_masks",
     "set_masks",
     "strip_classifier",
     "ternarizer",
+    "unmask_model",
+    "weight_names",
 ]

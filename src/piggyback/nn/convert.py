@@ -1,4 +1,11 @@
-"""Turn any torchvision-style CNN into a masked one without per-model code."""
+"""Mask any network in place — torchvision, timm, ViTs — without per-model code.
+
+:func:`mask_model` picks weight tensors by module type (the paper's choice: every conv and
+linear weight, plus ``nn.MultiheadAttention``'s input projection) and PEFT-style name
+patterns, and gates each one with :func:`~piggyback.nn.layers.add_weight_mask`. What it
+cannot mask correctly it refuses, naming the module and its type, so a mask is never
+silently ignored.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +16,78 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from piggyback.nn.layers import DEFAULT_MASK_SCALE, MaskedConv2d, MaskedLinear, adopt_state
+from piggyback.nn.layers import (
+    DEFAULT_MASK_SCALE,
+    MASKS_ATTR,
+    WeightMask,
+    add_weight_mask,
+    is_masked,
+    module_masks,
+    remove_weight_masks,
+)
 from piggyback.nn.threshold import DEFAULT_THRESHOLD
 
-MASKED_TYPES = (MaskedConv2d, MaskedLinear)
+MASKABLE_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd,  # Conv1d/2d/3d, ConvTranspose*, and every subclass (timm, ...)
+    nn.Linear,  # and subclasses, e.g. MultiheadAttention.out_proj
+    nn.MultiheadAttention,
+)
+"""Module types whose forward is known to read its weights through the attribute."""
 
 
-def _excluded(name: str, patterns: Iterable[str]) -> bool:
-    return any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
+class MaskingError(ValueError):
+    """A weight cannot be masked so that the mask really acts; the message names it."""
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
+def weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The weight tensors of ``module`` that Piggyback masks by default."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module._qkv_same_embed_dim:
+            return ("in_proj_weight",)
+        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    if isinstance(module, MASKABLE_TYPES):
+        return ("weight",)
+    return ()
+
+
+def _matches(names: Iterable[str], patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for name in names for p in patterns)
+
+
+def _qualified(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _check_maskable(model: nn.Module, module_name: str, module: nn.Module, pname: str) -> None:
+    """Refuse, with the module's name and type, whatever a mask could not really act on."""
+    where = (
+        f"{_qualified(module_name, pname)!r} ({type(module).__module__}.{type(module).__name__})"
+    )
+    if not isinstance(module, MASKABLE_TYPES):
+        raise MaskingError(
+            f"cannot mask {where}: only conv, linear and nn.MultiheadAttention weights are "
+            "known to be read through their attribute; exclude it or target its sub-layers"
+        )
+    if hasattr(module, "parametrizations"):
+        raise MaskingError(
+            f"cannot mask {where}: it is already reparametrized by torch.nn.utils.parametrize "
+            "(weight_norm, spectral_norm, ...); remove that first or exclude the layer"
+        )
+    param = module._parameters.get(pname)
+    if param is None:
+        raise MaskingError(
+            f"cannot mask {where}: it has no parameter {pname!r} (a hook-computed weight such "
+            "as the old torch.nn.utils.weight_norm, or no weight at all); exclude it"
+        )
+    if isinstance(param, nn.parameter.UninitializedParameter):
+        raise MaskingError(f"cannot mask {where}: lazy module not initialised; run one forward")
+
+
+def _shared_parameters(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return {k: v for k, v in owners.items() if len(v) > 1}
 
 
 def mask_model(
@@ -33,15 +98,20 @@ def mask_model(
     threshold: float = DEFAULT_THRESHOLD,
     threshold_fn: str = "binarizer",
     grad_rescale: str = "none",
+    target: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
 ) -> nn.Module:
-    """Replace, in place, every ``nn.Conv2d``/``nn.Linear`` not matched by ``exclude``.
+    """Gate, in place, every conv/linear/attention weight of ``model`` by a learned mask.
 
-    ``exclude`` holds qualified module names or ``fnmatch`` patterns (``"fc"``,
-    ``"classifier.*"``). Layers that are already masked are left as they are, so calling
-    this twice is harmless. Returns ``model`` for chaining.
+    ``target`` (default: all of them) and ``exclude`` hold ``fnmatch`` patterns matched
+    against module names (``"layer4.*"``, ``"fc"``) and parameter names
+    (``"*.in_proj_weight"``). Wildcards select maskable weights only; an exact parameter
+    name of anything else is attempted and refused if it cannot work. A ``target`` pattern that matches nothing is an error, so a
+    typo cannot leave a model unmasked. Weights already masked are left as they are, so
+    calling this twice is harmless. Returns ``model`` for chaining.
     """
     exclude = tuple(exclude)
+    patterns = None if target is None else tuple(target)
     options = dict(
         mask_init=mask_init,
         mask_scale=mask_scale,
@@ -49,101 +119,147 @@ def mask_model(
         threshold_fn=threshold_fn,
         grad_rescale=grad_rescale,
     )
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if name
-        and isinstance(module, (nn.Conv2d, nn.Linear))
-        and not isinstance(module, MASKED_TYPES)
-        and not _excluded(name, exclude)
-    ]
-    for name, module in targets:
-        if isinstance(module, nn.Conv2d):
-            masked = MaskedConv2d.from_conv(module, **options)
+    chosen: list[tuple[str, nn.Module, str]] = []
+    used_patterns: set[str] = set()
+    for module_name, module in model.named_modules():
+        if module_name.endswith(MASKS_ATTR) or isinstance(module, WeightMask):
+            continue
+        if patterns is None:
+            candidates = weight_names(module)
         else:
-            masked = MaskedLinear.from_linear(module, **options)
-        _set_submodule(model, name, masked)
+            candidates = []
+            own = [n for n, _ in module.named_parameters(recurse=False)]
+            for pname in own:
+                qualified = _qualified(module_name, pname)
+                hit = [p for p in patterns if fnmatch.fnmatchcase(qualified, p)]
+                if pname in weight_names(module):
+                    hit += [p for p in patterns if fnmatch.fnmatchcase(module_name, p)]
+                else:  # wildcards pick maskable weights only; an exact name is a request
+                    hit = [p for p in hit if p == qualified]
+                if hit:
+                    used_patterns.update(hit)
+                    candidates.append(pname)
+        for pname in candidates:
+            if _matches((module_name, _qualified(module_name, pname)), exclude):
+                continue
+            if pname in module_masks(module):
+                continue
+            _check_maskable(model, module_name, module, pname)
+            chosen.append((module_name, module, pname))
+    if patterns is not None and (unused := sorted(set(patterns) - used_patterns)):
+        raise MaskingError(f"mask target patterns {unused} match no parameter of the model")
+    shared = _shared_parameters(model)
+    for module_name, module, pname in chosen:
+        names = shared.get(id(module._parameters[pname]))
+        if names:
+            raise MaskingError(
+                f"cannot mask {_qualified(module_name, pname)!r}: the same tensor is also "
+                f"used as {[n for n in names if n != _qualified(module_name, pname)]}, which "
+                "would read it unmasked; untie the weights or exclude it"
+            )
+    for _, module, pname in chosen:
+        add_weight_mask(module, pname, **options)
     return model
 
 
-def masked_layers(model: nn.Module) -> Iterator[tuple[str, MaskedConv2d | MaskedLinear]]:
-    """``(qualified name, layer)`` for every masked layer, in module order."""
+def masked_weights(model: nn.Module) -> Iterator[tuple[str, WeightMask]]:
+    """``(parameter name, mask)`` for every masked weight, in module order.
+
+    The name is the frozen parameter's own qualified name (``layer1.0.conv1.weight``,
+    ``encoder.layers.0.self_attention.in_proj_weight``).
+    """
+    for module_name, module in model.named_modules():
+        for pname, mask in module_masks(module).items():
+            yield _qualified(module_name, pname), mask
+
+
+def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(module name, module)`` for every module that has at least one masked weight."""
     for name, module in model.named_modules():
-        if isinstance(module, MASKED_TYPES):
+        if is_masked(module):
             yield name, module
 
 
 def num_masked_weights(model: nn.Module) -> int:
-    return sum(layer.weight.numel() for _, layer in masked_layers(model))
+    return sum(mask.mask_real.numel() for _, mask in masked_weights(model))
 
 
 @torch.no_grad()
 def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The current thresholded mask of every masked layer."""
-    return {name: layer.mask() for name, layer in masked_layers(model)}
+    """The current thresholded mask of every masked weight, by parameter name."""
+    return {name: mask.mask() for name, mask in masked_weights(model)}
 
 
 @torch.no_grad()
 def set_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     """Load quantised masks into a masked model; names must match exactly."""
-    layers = dict(masked_layers(model))
-    missing = sorted(set(layers) - set(masks))
-    unknown = sorted(set(masks) - set(layers))
+    current = dict(masked_weights(model))
+    missing = sorted(set(current) - set(masks))
+    unknown = sorted(set(masks) - set(current))
     if missing or unknown:
         raise ValueError(
-            f"masks do not match the model's masked layers: missing {missing[:5]}"
+            f"masks do not match the model's masked weights: missing {missing[:5]}"
             f"{'...' if len(missing) > 5 else ''}, unknown {unknown[:5]}"
             f"{'...' if len(unknown) > 5 else ''}"
         )
-    for name, layer in layers.items():
-        layer.set_mask(masks[name])
+    for name, mask in current.items():
+        mask.set_mask(masks[name])
 
 
 def reset_masks(
     model: nn.Module, mask_init: str = "1s", mask_scale: float = DEFAULT_MASK_SCALE
 ) -> None:
-    """Start a fresh task: every masked layer back to its initial mask."""
-    for _, layer in masked_layers(model):
-        layer.reset_mask(mask_init, mask_scale)
+    """Start a fresh task: every mask back to its initial value."""
+    for _, mask in masked_weights(model):
+        mask.reset_mask(mask_init, mask_scale)
 
 
 def mask_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    for _, layer in masked_layers(model):
-        yield layer.mask_real
+    for _, mask in masked_weights(model):
+        yield mask.mask_real
+
+
+def frozen_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without the per-task ``mask_real`` tensors."""
+    marker = f"{MASKS_ATTR}."
+    return {
+        k: v
+        for k, v in model.state_dict().items()
+        if not (k.endswith(".mask_real") and (k.startswith(marker) or f".{marker}" in k))
+    }
+
+
+def unmask_model(model: nn.Module) -> nn.Module:
+    """Remove every mask in place, restoring the untouched pretrained modules."""
+    for _, module in list(masked_modules(model)):
+        remove_weight_masks(module, apply=False)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """A plain model whose masked weights are ``W * M``: original classes, exportable.
+
+    The result has no mask parameters and the modules' own classes, so ``torch.export``,
+    ONNX and any deployment tool see a standard network at full speed.
+    """
+    target = model if inplace else copy.deepcopy(model)
+    for _, module in list(masked_modules(target)):
+        remove_weight_masks(module, apply=True)
+    return target
 
 
 def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
     """Replace the last ``nn.Linear`` (the 1000-way ImageNet classifier) by ``Identity``.
 
-    Works for resnets, vgg, densenet, mobilenet, efficientnet, ... because torchvision
-    defines the classifier last. Returns the model and the feature width the head needs.
+    Kept for torchvision CNNs, whose classifier is defined last; the backbone registry
+    removes classifiers through each model's own API.
     """
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to strip")
     name, last = linears[-1]
-    _set_submodule(model, name, nn.Identity())
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
     return model, last.in_features
-
-
-@torch.no_grad()
-def materialize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """A plain model whose conv/linear weights are ``W * M``: original speed, exportable.
-
-    The result has ordinary ``nn.Conv2d``/``nn.Linear`` layers and no mask parameters, so
-    ``torch.export``/ONNX and any deployment tool see a standard network.
-    """
-    target = model if inplace else copy.deepcopy(model)
-    for name, layer in list(masked_layers(target)):
-        weight = (layer.weight * layer.mask().to(layer.weight.dtype)).detach()
-        plain_cls = nn.Conv2d if isinstance(layer, MaskedConv2d) else nn.Linear
-        plain = plain_cls.__new__(plain_cls)
-        adopt_state(plain, layer)
-        params = dict(layer._parameters)
-        params.pop("mask_real")
-        params["weight"] = nn.Parameter(weight, requires_grad=False)
-        plain._parameters = params
-        for attr in ("threshold", "threshold_fn", "grad_rescale"):
-            plain.__dict__.pop(attr, None)
-        _set_submodule(target, name, plain)
-    return target

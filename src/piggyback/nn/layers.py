@@ -1,16 +1,27 @@
-"""Conv and linear layers whose frozen pretrained weight is gated by a learned mask.
+"""Masks that gate a module's weight *tensor*, not its class.
 
-They subclass the torch layers they replace, so every conv option (stride, padding,
-padding_mode, dilation, groups, bias) and every ``isinstance`` check keeps working, and
-``weight``/``bias`` keep their state-dict names (fingerprints and checkpoints stay stable).
+A masked module keeps its own ``forward`` and its own class behaviour (timm's
+``Conv2dSame`` padding, ``StdConv2d`` weight standardisation, ``nn.MultiheadAttention``
+reading ``in_proj_weight`` and ``out_proj.weight`` directly, BEiT reading ``qkv.weight``
+through ``F.linear``): every read of the attribute, by the module itself or by anyone else,
+returns ``W * M``.
+
+How: the module's class is swapped for a cached subclass that adds one property per masked
+parameter name. The property wins over ``nn.Module.__getattr__`` (which is only consulted
+when normal lookup fails), so ``module.weight`` computes ``W * M`` while the frozen ``W``
+stays in ``module._parameters['weight']`` under its original state-dict key. The learned
+mask lives in a :class:`WeightMask` submodule, ``<module>.piggyback.<param>.mask_real``.
+
+Why not ``torch.nn.utils.parametrize`` (measured, torch 2.x): it renames the frozen weight
+to ``parametrizations.weight.original`` (every torchvision/timm state dict, checkpoint and
+fingerprint key moves) and builds classes that refuse to pickle, which breaks
+``ddp_spawn`` and ``multiprocessing``. This subclass pickles (``__reduce_ex__``) and keeps
+the keys; otherwise it is the same reparametrization.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from piggyback.nn.threshold import (
@@ -23,55 +34,29 @@ from piggyback.nn.threshold import (
 
 MASK_INITS: tuple[str, ...] = ("1s", "uniform", "weight_based_1s")
 DEFAULT_MASK_SCALE = 1e-2
+MASKS_ATTR = "piggyback"
+"""Name of the ``nn.ModuleDict`` that holds a masked module's :class:`WeightMask` objects."""
 
 
-def adopt_state(layer: nn.Module, source: nn.Module) -> None:
-    """Take over every attribute of ``source`` (options, weight, bias, hooks) without copying
-    tensors; container dicts are copied so the new layer never aliases the old one's."""
-    for key, value in source.__dict__.items():
-        layer.__dict__[key] = type(value)(value) if isinstance(value, dict) else value
+class WeightMask(nn.Module):
+    """The learned real-valued mask of one weight tensor and its threshold rule.
 
+    ``weight`` is the frozen tensor it gates (kept by the host module, not registered here,
+    so the state dict holds it once under its original name).
+    """
 
-class MaskedLayerMixin:
-    """Mask state and rules shared by every masked layer type."""
-
-    weight: nn.Parameter
-    mask_real: nn.Parameter
-    threshold: float
-    threshold_fn: str
-    grad_rescale: str
-
-    @classmethod
-    def _wrap(
-        cls,
-        source: nn.Module,
+    def __init__(
+        self,
+        host: nn.Module,
+        param_name: str,
         *,
         mask_init: str = "1s",
         mask_scale: float = DEFAULT_MASK_SCALE,
         threshold: float = DEFAULT_THRESHOLD,
         threshold_fn: str = "binarizer",
         grad_rescale: str = "none",
-    ):
-        layer = cls.__new__(cls)
-        adopt_state(layer, source)
-        layer._setup_mask(
-            mask_init=mask_init,
-            mask_scale=mask_scale,
-            threshold=threshold,
-            threshold_fn=threshold_fn,
-            grad_rescale=grad_rescale,
-        )
-        return layer
-
-    def _setup_mask(
-        self,
-        *,
-        mask_init: str,
-        mask_scale: float,
-        threshold: float,
-        threshold_fn: str,
-        grad_rescale: str,
     ) -> None:
+        super().__init__()
         if threshold_fn not in THRESHOLD_FNS:
             raise ValueError(
                 f"unknown threshold_fn {threshold_fn!r}; choose one of {THRESHOLD_FNS}"
@@ -80,14 +65,19 @@ class MaskedLayerMixin:
             raise ValueError(
                 f"unknown grad_rescale {grad_rescale!r}; choose one of {GRAD_RESCALES}"
             )
+        # A plain attribute, not a submodule: the host owns this mask, not the other way.
+        self.__dict__["_host"] = host
+        self.param_name = param_name
         self.threshold = float(threshold)
         self.threshold_fn = threshold_fn
         self.grad_rescale = grad_rescale
-        self.weight.requires_grad_(False)
-        if getattr(self, "bias", None) is not None:
-            self.bias.requires_grad_(False)
         self.mask_real = nn.Parameter(torch.empty_like(self.weight), requires_grad=True)
         self.reset_mask(mask_init, mask_scale)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """The frozen pretrained tensor this mask multiplies."""
+        return self._host._parameters[self.param_name]
 
     @torch.no_grad()
     def reset_mask(self, mask_init: str = "1s", mask_scale: float = DEFAULT_MASK_SCALE) -> None:
@@ -102,7 +92,7 @@ class MaskedLayerMixin:
             raise ValueError(f"unknown mask_init {mask_init!r}; choose one of {MASK_INITS}")
 
     def mask(self) -> torch.Tensor:
-        """The current thresholded mask (same shape and dtype as the weight)."""
+        """The current thresholded mask (same shape and dtype as ``mask_real``)."""
         return quantize(self.mask_real.detach(), self.threshold, self.threshold_fn)
 
     @torch.no_grad()
@@ -112,61 +102,107 @@ class MaskedLayerMixin:
         Storing the mask's own values as ``mask_real`` works for both quantisers: 1 > τ,
         0 ≤ τ and ≥ 0, and -1 < 0.
         """
-        if tuple(mask.shape) != tuple(self.weight.shape):
+        if tuple(mask.shape) != tuple(self.mask_real.shape):
             raise ValueError(
                 f"mask of shape {tuple(mask.shape)} does not fit weight of shape "
-                f"{tuple(self.weight.shape)}"
+                f"{tuple(self.mask_real.shape)}"
             )
         self.mask_real.copy_(mask)  # converts dtype (and device) in the same pass
 
-    def effective_weight(self, *, owns_grad: bool = False) -> torch.Tensor:
-        """``W * M`` with the straight-through mask gradient.
-
-        ``forward`` passes ``owns_grad=True`` because it feeds the result straight into
-        conv/linear, which lets the backward reuse their weight-gradient buffer for the mask
-        gradient (see :func:`masked_weight`); other callers get the always-safe default.
-        """
+    def effective_weight(self) -> torch.Tensor:
+        """``W * M`` with the straight-through mask gradient (the pretrained W gets none)."""
         return masked_weight(
-            self.weight,
-            self.mask_real,
-            self.threshold,
-            self.threshold_fn,
-            self.grad_rescale,
-            owns_grad=owns_grad,
+            self.weight, self.mask_real, self.threshold, self.threshold_fn, self.grad_rescale
         )
 
-    def mask_extra_repr(self) -> str:
-        return f"threshold_fn={self.threshold_fn}, threshold={self.threshold:g}"
-
-
-class MaskedConv2d(MaskedLayerMixin, nn.Conv2d):
-    """``nn.Conv2d`` computing with ``W * M``; build it with :meth:`from_conv`."""
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, **mask_options: Any) -> MaskedConv2d:
-        """Wrap ``conv`` (tensors shared, not copied); options as in :meth:`_wrap`."""
-        return cls._wrap(conv, **mask_options)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(owns_grad=True), self.bias)
-
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self.mask_extra_repr()}"
+        return f"{self.param_name}, threshold_fn={self.threshold_fn}, threshold={self.threshold:g}"
 
 
-class MaskedLinear(MaskedLayerMixin, nn.Linear):
-    """``nn.Linear`` computing with ``W * M``; build it with :meth:`from_linear`."""
+def _masked_property(param_name: str) -> property:
+    def read(module: nn.Module) -> torch.Tensor:
+        return module._modules[MASKS_ATTR][param_name].effective_weight()
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, **mask_options: Any) -> MaskedLinear:
-        """Wrap ``linear`` (tensors shared, not copied); options as in :meth:`_wrap`."""
-        return cls._wrap(linear, **mask_options)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.effective_weight(owns_grad=True), self.bias)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self.mask_extra_repr()}"
+    return property(read, doc=f"``{param_name} * mask`` (frozen tensor gated by its mask)")
 
 
-MaskedLayer = MaskedConv2d | MaskedLinear
+class MaskedModuleMixin:
+    """Marks a module whose weights are gated; pickles back into the same cached class."""
+
+    _piggyback_base: type[nn.Module]
+    _piggyback_params: tuple[str, ...]
+
+    def __reduce_ex__(self, protocol):
+        return (
+            _new_masked_instance,
+            (self._piggyback_base, self._piggyback_params),
+            self.__getstate__(),
+        )
+
+
+_CLASS_CACHE: dict[tuple[type, tuple[str, ...]], type] = {}
+
+
+def masked_class(base: type[nn.Module], param_names: tuple[str, ...]) -> type[nn.Module]:
+    """The subclass of ``base`` whose ``param_names`` attributes read as ``W * M`` (cached)."""
+    key = (base, tuple(sorted(param_names)))
+    if key not in _CLASS_CACHE:
+        namespace = {name: _masked_property(name) for name in key[1]}
+        namespace.update(
+            _piggyback_base=base,
+            _piggyback_params=key[1],
+            __module__=base.__module__,
+            __qualname__=f"Masked{base.__qualname__}",
+        )
+        _CLASS_CACHE[key] = type(f"Masked{base.__name__}", (MaskedModuleMixin, base), namespace)
+    return _CLASS_CACHE[key]
+
+
+def _new_masked_instance(base: type[nn.Module], param_names: tuple[str, ...]) -> nn.Module:
+    cls = masked_class(base, param_names)
+    return cls.__new__(cls)
+
+
+def is_masked(module: nn.Module) -> bool:
+    return isinstance(module, MaskedModuleMixin)
+
+
+def module_masks(module: nn.Module) -> dict[str, WeightMask]:
+    """``{param name: WeightMask}`` of one module (empty when it is not masked)."""
+    if not is_masked(module):
+        return {}
+    return dict(module._modules[MASKS_ATTR].items())
+
+
+def add_weight_mask(module: nn.Module, param_name: str, **mask_options) -> WeightMask:
+    """Gate ``module.<param_name>`` by a new mask; the module keeps its forward and keys."""
+    existing = module_masks(module)
+    if param_name in existing:
+        return existing[param_name]
+    for param in module.parameters(recurse=False):  # W and the unmasked bias stay frozen
+        param.requires_grad_(False)
+    mask = WeightMask(module, param_name, **mask_options)
+    if MASKS_ATTR not in module._modules:
+        module.add_module(MASKS_ATTR, nn.ModuleDict())
+    module._modules[MASKS_ATTR][param_name] = mask
+    base = module._piggyback_base if is_masked(module) else type(module)
+    module.__class__ = masked_class(base, (*existing, param_name))
+    return mask
+
+
+@torch.no_grad()
+def remove_weight_masks(module: nn.Module, *, apply: bool = True) -> None:
+    """Undo :func:`add_weight_mask`: plain class, no mask parameters.
+
+    ``apply=True`` bakes ``W * M`` into the weights (what :func:`materialize` needs);
+    ``apply=False`` restores the untouched pretrained weights.
+    """
+    if not is_masked(module):
+        return
+    for name, mask in module_masks(module).items():
+        weight = mask.weight
+        if apply:
+            weight = (weight * mask.mask().to(weight.dtype)).detach()
+        module._parameters[name] = nn.Parameter(weight, requires_grad=False)
+    module.__class__ = module._piggyback_base
+    del module._modules[MASKS_ATTR]

@@ -1,0 +1,152 @@
+"""Masks hold on every architecture people use: the guarantees, checked on a model matrix.
+
+Random init, small inputs. For each model: ``1s`` masks change nothing (bit-identical);
+random masks give exactly what an untouched copy computes with ``W * M`` written into its
+weights by hand; zeroing any single masked weight's mask changes the output (no mask is
+silently ignored, e.g. by a module that reads a weight directly); the mask gradient is the
+straight-through formula ``dL/dW_eff * W``; ``materialize`` leaves a plain model.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from piggyback.nn import is_masked, mask_model, masked_weights, materialize
+
+# name -> (builder, input size)
+MODELS = {
+    "tv_resnet50": (lambda: torchvision.models.resnet50(), 32),
+    "tv_vgg16_bn": (lambda: torchvision.models.vgg16_bn(), 32),
+    "tv_densenet121": (lambda: torchvision.models.densenet121(), 32),
+    "tv_mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), 32),
+    "tv_efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), 32),
+    "tv_convnext_tiny": (lambda: torchvision.models.convnext_tiny(), 32),
+    "tv_vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32), 32),
+    "tv_swin_t": (lambda: torchvision.models.swin_t(), 32),
+    "timm_tf_efficientnet_lite0": (lambda: timm.create_model("tf_efficientnet_lite0"), 32),
+    "timm_resnetv2_50x1_bit": (lambda: timm.create_model("resnetv2_50x1_bit"), 32),
+    "timm_vit_tiny_patch16_224": (
+        lambda: timm.create_model("vit_tiny_patch16_224", img_size=32),
+        32,
+    ),
+    "timm_beit": (
+        lambda: timm.create_model(
+            "beit_base_patch16_224", img_size=32, depth=2, embed_dim=96, num_heads=3
+        ),
+        32,
+    ),
+    "timm_convnext_atto": (lambda: timm.create_model("convnext_atto"), 32),
+}
+NAMES = list(MODELS)
+
+
+@functools.lru_cache(maxsize=2)
+def _original(name: str) -> nn.Module:
+    """The untouched model, eval mode, with no parameter left at (near) zero.
+
+    Random init leaves some tensors at zero or tiny on purpose (ViT heads, layer scales of
+    1e-6): a mask on a zero weight cannot change anything, so give them visible values.
+    """
+    torch.manual_seed(0)
+    model = MODELS[name][0]().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.abs().max() < 1e-4:
+                param.normal_(0, 0.05)
+    return model
+
+
+def _input(name: str) -> torch.Tensor:
+    size = MODELS[name][1]
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _masked_copy(name: str, **options) -> nn.Module:
+    torch.manual_seed(2)
+    return mask_model(copy.deepcopy(_original(name)), **options).eval()
+
+
+def _by_hand(name: str, masked: nn.Module) -> nn.Module:
+    """An untouched copy whose masked weights are set to ``W * M`` directly."""
+    reference = copy.deepcopy(_original(name))
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for pname, mask in masked_weights(masked):
+            params[pname].copy_(mask.weight * mask.mask())
+    return reference
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_1s_masks_are_bit_identical(name):
+    masked = _masked_copy(name)
+    names = [n for n, _ in masked_weights(masked)]
+    params = _original(name).named_parameters()
+    expected = {n for n, p in params if p.dim() > 1 and n.endswith("weight")}
+    assert set(names) == expected  # every conv/linear/attention weight (q/k/v too), no more
+    x = _input(name)
+    with torch.no_grad():
+        assert torch.equal(masked(x), _original(name)(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_random_masks_equal_weights_multiplied_by_hand(name):
+    masked = _masked_copy(name, mask_init="uniform")
+    reference = _by_hand(name, masked)
+    x = _input(name)
+    with torch.no_grad():
+        out, expected = masked(x), reference(x)
+    assert not torch.equal(expected, _original(name)(x))  # the masks really zero weights
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_masked_weight_acts(name):
+    """Zeroing any one weight's mask changes the output: no mask is silently bypassed."""
+    masked = _masked_copy(name)
+    x = _input(name)
+    with torch.no_grad():
+        base = masked(x)
+        ignored = []
+        for pname, mask in masked_weights(masked):
+            mask.mask_real.zero_()
+            if torch.equal(masked(x), base):
+                ignored.append(pname)
+            mask.mask_real.fill_(1e-2)
+    assert not ignored, f"masks with no effect: {ignored}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mask_gradient_is_straight_through(name):
+    masked = _masked_copy(name, mask_init="uniform")
+    reference = _by_hand(name, masked)
+    x = _input(name)
+    masked(x).square().mean().backward()
+    reference.requires_grad_(True)
+    reference(x).square().mean().backward()
+    ref_grads = dict(reference.named_parameters())
+    for pname, mask in masked_weights(masked):
+        expected = ref_grads[pname].grad * mask.weight
+        torch.testing.assert_close(
+            mask.mask_real.grad, expected, rtol=1e-3, atol=1e-6, msg=lambda m, p=pname: f"{p}: {m}"
+        )
+        assert mask.weight.grad is None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_materialize_leaves_a_plain_model(name):
+    masked = _masked_copy(name, mask_init="uniform")
+    plain = materialize(masked)
+    assert not list(masked_weights(plain))
+    assert not any(is_masked(m) for m in plain.modules())
+    assert not any("mask_real" in n for n, _ in plain.named_parameters())
+    assert list(plain.state_dict()) == list(_original(name).state_dict())
+    x = _input(name)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), masked(x), rtol=1e-5, atol=1e-6)
