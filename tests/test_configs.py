@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from piggyback.backbones import build_backbone
 from piggyback.instantiate import build, build_all, to_dict
-from piggyback.nn import MaskedConv2d
+from piggyback.nn import mask_model, module_masks
 from piggyback.train import CONF_DIR, task_configs
 
 CONF = Path(CONF_DIR)
@@ -63,9 +63,9 @@ def test_data_configs_build(make_cfg, option):
 def test_mask_configs_build_a_masked_layer(make_cfg, option):
     cfg = make_cfg(f"mask={option}")
     spec = to_dict(cfg.mask)
-    spec.pop("exclude")
-    layer = MaskedConv2d.from_conv(torch.nn.Conv2d(2, 3, 3), **spec)
-    assert layer.mask_real.shape == layer.weight.shape
+    conv = mask_model(torch.nn.Conv2d(2, 3, 3), **spec)
+    mask = module_masks(conv)["weight"]
+    assert mask.mask_real.shape == mask.weight.shape
 
 
 @pytest.mark.parametrize("option", _options("method"))

@@ -148,7 +148,8 @@ def test_artifact_from_another_backbone_is_refused(artifacts, pretrained):
 
 def test_masks_come_back_in_network_order(artifacts, pretrained):
     """Artifact files list layers alphabetically; by-depth analysis needs the real order."""
-    order = [n for n, m in pretrained.model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    modules = pretrained.model.named_modules()
+    order = [f"{n}.weight" for n, m in modules if isinstance(m, torch.nn.Conv2d)]
     assert list(masks_in_network_order(artifacts["digits_mod3"])) == order
     assert order != sorted(order)  # features.10 would otherwise come before features.3
 

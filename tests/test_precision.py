@@ -14,51 +14,53 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from piggyback.module import PiggybackModule
-from piggyback.nn import MaskedConv2d, MaskedLinear, masked_weights
+from piggyback.nn import mask_model, masked_weights, module_masks
 
 
-def _layer(kind: str) -> tuple[nn.Module, torch.Tensor]:
+def _layer(kind: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A masked conv or linear layer, its WeightMask and an input."""
     torch.manual_seed(0)
     if kind == "conv":
-        layer = MaskedConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1), mask_init="uniform")
-        return layer, torch.randn(2, 4, 8, 8)
-    return MaskedLinear.from_linear(nn.Linear(5, 3), mask_init="uniform"), torch.randn(4, 5)
+        layer = mask_model(nn.Conv2d(4, 6, 3, padding=1), mask_init="uniform")
+        return layer, module_masks(layer)["weight"], torch.randn(2, 4, 8, 8)
+    layer = mask_model(nn.Linear(5, 3), mask_init="uniform")
+    return layer, module_masks(layer)["weight"], torch.randn(4, 5)
 
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_masked_layer_under_bf16_autocast_keeps_float32_mask_and_grad(kind):
-    layer, x = _layer(kind)
-    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    layer, m, x = _layer(kind)
+    weight, bias = m.weight.detach().clone(), layer.bias.detach().clone()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     y.float().square().sum().backward()
-    assert layer.mask_real.dtype == torch.float32
-    assert layer.mask_real.grad is not None and layer.mask_real.grad.dtype == torch.float32
-    assert layer.weight.grad is None and layer.bias.grad is None
-    assert layer.weight.dtype == torch.float32
-    assert torch.equal(layer.weight, weight) and torch.equal(layer.bias, bias)
+    assert m.mask_real.dtype == torch.float32
+    assert m.mask_real.grad is not None and m.mask_real.grad.dtype == torch.float32
+    assert m.weight.grad is None and layer.bias.grad is None
+    assert m.weight.dtype == torch.float32
+    assert torch.equal(m.weight, weight) and torch.equal(layer.bias, bias)
 
     # Same graph written out by hand: dL/dmask_real = dL/dW_eff * W (straight through).
-    w_eff = (weight * layer.mask()).requires_grad_(True)
+    w_eff = (weight * m.mask()).requires_grad_(True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref = F.conv2d(x, w_eff, bias, padding=1) if kind == "conv" else F.linear(x, w_eff, bias)
     assert torch.equal(ref, y.detach())
     ref.float().square().sum().backward()
-    assert torch.allclose(layer.mask_real.grad, w_eff.grad * weight, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(m.mask_real.grad, w_eff.grad * weight, rtol=1e-5, atol=1e-6)
 
 
 def test_bf16_autocast_mask_update_is_not_rounded_away():
     """A 1e-4 Adam step on a 1e-2 mask survives in float32 (in bf16 it would vanish)."""
-    layer, x = _layer("conv")
-    before = layer.mask_real.detach().clone()
-    opt = torch.optim.Adam([layer.mask_real], lr=1e-4)
+    layer, m, x = _layer("conv")
+    before = m.mask_real.detach().clone()
+    opt = torch.optim.Adam([m.mask_real], lr=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = layer(x).float().square().sum()
     loss.backward()
     opt.step()
-    moved = (layer.mask_real.detach() - before).abs()
-    assert layer.mask_real.dtype == torch.float32
+    moved = (m.mask_real.detach() - before).abs()
+    assert m.mask_real.dtype == torch.float32
     assert moved.max().item() == pytest.approx(1e-4, rel=1e-2)
 
 

@@ -155,7 +155,7 @@ def test_bn_state_travels_with_the_task(tmp_path):
     plain = extract_artifact(
         copy.deepcopy(backbone), nn.Linear(width, 2), task="plain", backbone_name="r18"
     )
-    plain.fingerprint = fingerprint(backbone)
+    plain.fingerprint = fingerprint(backbone, bn_state=pretrained_bn)  # the pretrained net
     apply_artifact(backbone, plain, pretrained_bn=pretrained_bn)
     assert torch.equal(backbone.bn1.running_mean, pretrained_bn["bn1.running_mean"])
 
@@ -179,3 +179,48 @@ def test_ternary_and_compressible_round_trip(tmp_path):
     apply_artifact(backbone, loaded)
     for name, mask in get_masks(backbone).items():
         assert torch.equal(mask, expected[name])
+
+
+def test_same_weights_other_bn_statistics_are_refused(trained):
+    """Frozen-BN tasks depend on the shared BN statistics: the fingerprint covers them."""
+    backbone, _, path = trained
+    other = copy.deepcopy(backbone)
+    other.bn1.running_var.mul_(4.0)  # same conv/linear weights, other statistics
+    with pytest.raises(ArtifactError, match="different weights"):
+        apply_artifact(other, load_artifact(path))
+    apply_artifact(backbone, load_artifact(path))  # the original still fits
+
+
+def test_format_1_artifacts_still_load(trained, tmp_path):
+    """Artifacts written before masks were named by parameter (format 1) keep working."""
+    from piggyback.masks.artifact import (
+        ARTIFACT_FORMAT,
+        artifact_meta,
+        artifact_tensors,
+        legacy_fingerprint,
+        write_checked_file,
+    )
+
+    backbone, head, path = trained
+    current = load_artifact(path)
+    old = copy.copy(current)
+    old.masks = {name.removesuffix(".weight"): m for name, m in current.masks.items()}
+    old.fingerprint = legacy_fingerprint(backbone)
+    old_path = write_checked_file(
+        tmp_path / "v1.safetensors",
+        artifact_tensors(old),
+        artifact_meta(old),
+        file_format=ARTIFACT_FORMAT,
+        version=1,
+    )
+    loaded = load_artifact(old_path)
+    assert set(loaded.masks) == set(current.masks)  # renamed to parameter names
+    x = torch.randn(2, 3, 64, 64)
+    expected = _predict(backbone, head, x)
+    fresh, _ = _backbone()
+    reset_masks(fresh)
+    assert torch.equal(_predict(fresh, apply_artifact(fresh, loaded), x), expected)
+    other = copy.deepcopy(fresh)
+    next(m for _, m in masked_weights(other)).weight.data.add_(1.0)
+    with pytest.raises(ArtifactError, match="different weights"):
+        apply_artifact(other, loaded)
