@@ -106,9 +106,10 @@ def mask_model(
     ``target`` (default: all of them) and ``exclude`` hold ``fnmatch`` patterns matched
     against module names (``"layer4.*"``, ``"fc"``) and parameter names
     (``"*.in_proj_weight"``). Wildcards select maskable weights only; an exact parameter
-    name of anything else is attempted and refused if it cannot work. A ``target`` pattern that matches nothing is an error, so a
-    typo cannot leave a model unmasked. Weights already masked are left as they are, so
-    calling this twice is harmless. Returns ``model`` for chaining.
+    name of anything else is attempted and refused if it cannot work. A ``target`` pattern
+    that matches nothing is an error, so a typo cannot leave a model unmasked. Weights
+    already masked are left as they are, so calling this twice is harmless. Returns
+    ``model`` for chaining.
     """
     exclude = tuple(exclude)
     patterns = None if target is None else tuple(target)
