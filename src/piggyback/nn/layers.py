@@ -22,6 +22,7 @@ the keys; otherwise it is the same reparametrization.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from piggyback.nn.threshold import (
@@ -109,10 +110,19 @@ class WeightMask(nn.Module):
             )
         self.mask_real.copy_(mask)  # converts dtype (and device) in the same pass
 
-    def effective_weight(self) -> torch.Tensor:
-        """``W * M`` with the straight-through mask gradient (the pretrained W gets none)."""
+    def effective_weight(self, *, owns_grad: bool = False) -> torch.Tensor:
+        """``W * M`` with the straight-through mask gradient (the pretrained W gets none).
+
+        ``owns_grad`` is for forwards that feed the result straight into one conv/linear
+        (see :data:`_OWN_GRAD_FORWARDS`); every other read gets the always-safe default.
+        """
         return masked_weight(
-            self.weight, self.mask_real, self.threshold, self.threshold_fn, self.grad_rescale
+            self.weight,
+            self.mask_real,
+            self.threshold,
+            self.threshold_fn,
+            self.grad_rescale,
+            owns_grad=owns_grad,
         )
 
     def extra_repr(self) -> str:
@@ -140,6 +150,31 @@ class MaskedModuleMixin:
         )
 
 
+def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
+    weight = self._modules[MASKS_ATTR]["weight"].effective_weight(owns_grad=True)
+    return self._conv_forward(x, weight, self.bias)
+
+
+def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    weight = self._modules[MASKS_ATTR]["weight"].effective_weight(owns_grad=True)
+    return F.linear(x, weight, self.bias)
+
+
+_OWN_GRAD_FORWARDS = {
+    nn.Conv1d.forward: _conv_forward,
+    nn.Conv2d.forward: _conv_forward,
+    nn.Conv3d.forward: _conv_forward,
+    nn.Linear.forward: _linear_forward,
+}
+"""Forwards we know read ``weight`` exactly once, straight into conv/linear.
+
+For them (and only them: a subclass with its own forward keeps it) the masked class runs
+the same computation but tells the straight-through node that the weight gradient it will
+receive is a fresh buffer nobody else holds, so the mask gradient is written into it instead
+of a new weight-sized tensor. Measured with ``benchmarks/run.py --quick`` (resnet18, CPU):
+the backward pass is 1.22x finetune's without this and 1.10x with it.
+"""
+
 _CLASS_CACHE: dict[tuple[type, tuple[str, ...]], type] = {}
 
 
@@ -148,6 +183,9 @@ def masked_class(base: type[nn.Module], param_names: tuple[str, ...]) -> type[nn
     key = (base, tuple(sorted(param_names)))
     if key not in _CLASS_CACHE:
         namespace = {name: _masked_property(name) for name in key[1]}
+        fast = _OWN_GRAD_FORWARDS.get(base.forward)
+        if fast is not None and "weight" in key[1]:
+            namespace["forward"] = fast
         namespace.update(
             _piggyback_base=base,
             _piggyback_params=key[1],
