@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from piggyback.backbones import build_backbone
 from piggyback.instantiate import build, build_all, to_dict
+from piggyback.methods import Method, build_method, method_class
 from piggyback.nn import mask_model, module_masks
 from piggyback.train import CONF_DIR, task_configs
 
@@ -71,7 +72,9 @@ def test_mask_configs_build_a_masked_layer(make_cfg, option):
 @pytest.mark.parametrize("option", _options("method"))
 def test_method_configs_build_optimizers(make_cfg, option):
     cfg = make_cfg(f"method={option}", "~experiment")  # the method files alone: paper recipe
-    assert cfg.method.name in ("piggyback", "finetune", "classifier_only")
+    method = build_method(to_dict(cfg.method))
+    assert isinstance(method, Method) and method.name == cfg.method.name
+    assert method_class(cfg.method.name) is type(method)
     param = torch.nn.Parameter(torch.zeros(2))
     optimizer = build(cfg.method.optimizer)([{"params": [param], "lr": 1e-3}])
     scheduler = build(cfg.method.scheduler)(optimizer)

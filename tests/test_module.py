@@ -175,7 +175,7 @@ def test_unknown_task_and_duplicate_task_errors(demo_cache):
     with pytest.raises(ValueError, match="already exists"):
         module.add_task("digits_rotated", 10)
     with pytest.raises(ValueError, match="unknown method"):
-        _module(demo_cache, method="packnet")
+        _module(demo_cache, method="nope")
 
 
 def test_mask_statistics_are_logged(tmp_path, demo_cache):

@@ -26,7 +26,10 @@ TINY = (
 )
 
 
-@pytest.mark.parametrize("method", ["piggyback", "piggyback_bn", "finetune", "classifier_only"])
+@pytest.mark.parametrize(
+    "method",
+    ["piggyback", "piggyback_bn", "finetune", "finetune_sequential", "classifier_only", "packnet"],
+)
 def test_fast_dev_run_each_method(make_cfg, method):
     cfg = make_cfg("data=digits/rotated", f"method={method}", "debug=fast")
     metrics = train(cfg)
@@ -37,7 +40,19 @@ def test_fast_dev_run_each_method(make_cfg, method):
     assert artifact.method == cfg.method.name
     assert bool(artifact.masks) == (cfg.method.name == "piggyback")
     assert bool(artifact.bn_state) == (method == "piggyback_bn")
-    assert bool(artifact.weights) == (method == "finetune")
+    assert bool(artifact.weights) == method.startswith("finetune")
+    assert bool(artifact.extra) == (method == "packnet")  # owner index + owned values
+
+
+def test_packnet_runs_the_demo_sequence(make_cfg):
+    cfg = make_cfg(*TINY, "method=packnet", "logger=none", "callbacks=none")
+    metrics = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    names = sorted(p.name for p in (out / "artifacts").iterdir())
+    assert names == [f"digits_{t}.safetensors" for t in ("inverted", "mod3", "rotated")]
+    mod3 = load_artifact(out / "artifacts" / "digits_mod3.safetensors")
+    assert mod3.extra_meta["previous_tasks"] == ["digits_rotated", "digits_inverted"]
+    assert 0.0 <= metrics["test/acc"] <= 1.0
 
 
 def test_sequence_writes_artifacts_metrics_and_table(make_cfg, capsys):

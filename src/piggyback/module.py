@@ -9,7 +9,6 @@ paper's no-forgetting guarantee: adding task B leaves task A's predictions bit-i
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -23,27 +22,20 @@ from piggyback.instantiate import build
 from piggyback.masks.artifact import (
     PackedMask,
     TaskArtifact,
+    artifact_from_model,
     bn_state_dict,
-    extract_artifact,
     fingerprint,
-    load_bn_state,
-    pack_model_masks,
 )
-from piggyback.masks.stats import layer_sparsity, total_sparsity
-from piggyback.nn.convert import get_masks, mask_model, masked_weights, reset_masks
+from piggyback.methods import Method, TaskState, build_method
 
-METHODS = ("piggyback", "finetune", "classifier_only")
-BN_MODES = ("frozen", "train")
 _BN = nn.modules.batchnorm._BatchNorm
 
-DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "fused": True}
 DEFAULT_SCHEDULER = {
     "_target_": "torch.optim.lr_scheduler.StepLR",
     "_partial_": True,
     "step_size": 15,
     "gamma": 0.1,
 }
-DEFAULT_LR = {"masks": 1e-4, "head": 1e-4, "bn": 1e-4, "backbone": 1e-3}
 DEFAULT_MASK = {
     "mask_init": "1s",
     "mask_scale": 1e-2,
@@ -53,18 +45,6 @@ DEFAULT_MASK = {
     "target": None,
     "exclude": [],
 }
-
-
-@dataclass
-class TaskState:
-    """A finished task as the module stores it: packed masks, BN state, label metadata."""
-
-    num_classes: int
-    class_names: list[str] | None = None
-    masks: dict[str, PackedMask] | None = None
-    bn_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    # mask_real version counters when ``masks`` was packed: unchanged masks are not re-packed
-    packed_versions: list[int] | None = None
 
 
 def _plain(value: Any) -> Any:
@@ -79,14 +59,42 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _encode_stored(stored: dict[str, Any]) -> dict[str, Any]:
+    """A task's stored state in types a ``weights_only`` checkpoint load accepts."""
+    out = {k: v for k, v in stored.items() if k != "versions"}  # stale after a reload
+    if "masks" in out:
+        out["masks"] = {
+            n: {"data": m.data, "shape": list(m.shape), "kind": m.kind, "encoding": m.encoding}
+            for n, m in out["masks"].items()
+        }
+    return out
+
+
+def _decode_stored(stored: dict[str, Any]) -> dict[str, Any]:
+    out = dict(stored)
+    if "masks" in out:
+        out["masks"] = {
+            n: PackedMask(m["data"], tuple(m["shape"]), m["kind"], m.get("encoding", "bits"))
+            for n, m in out["masks"].items()
+        }
+    return out
+
+
 class PiggybackModule(L.LightningModule):
+    """A frozen pretrained backbone, one head per task, and a method deciding the rest.
+
+    ``method`` is a registered name (``"piggyback"``, ``"packnet"``, ...), a config with a
+    ``_target_`` (``conf/method/*.yaml``) or a :class:`~piggyback.methods.Method`;
+    ``bn``/``optimizer``/``scheduler``/``lr`` override the method's own settings.
+    """
+
     def __init__(
         self,
         backbone: dict[str, Any],
         task: str,
         num_classes: int,
-        method: str = "piggyback",
-        bn: str = "frozen",
+        method: str | dict[str, Any] | Method = "piggyback",
+        bn: str | None = None,
         mask: dict[str, Any] | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
@@ -96,35 +104,33 @@ class PiggybackModule(L.LightningModule):
         log_layer_sparsity: bool = True,
     ) -> None:
         super().__init__()
-        backbone, mask, optimizer, scheduler, lr = map(
-            _plain, (backbone, mask, optimizer, scheduler, lr)
+        backbone, mask, optimizer, scheduler, lr, method = map(
+            _plain, (backbone, mask, optimizer, scheduler, lr, method)
         )
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-        if bn not in BN_MODES:
-            raise ValueError(f"unknown bn mode {bn!r}; choose one of {BN_MODES}")
+        overrides = {"bn": bn, "optimizer": optimizer, "lr": lr}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if scheduler is not None:
+            overrides["scheduler"] = scheduler
+        self.method: Method = build_method(method, **overrides)
+        if self.method.scheduler is None and scheduler is None and not isinstance(method, dict):
+            self.method.scheduler = dict(DEFAULT_SCHEDULER)
         self.mask_cfg = {**DEFAULT_MASK, **(mask or {})}
-        self.lr_cfg = {**DEFAULT_LR, **(lr or {})}
-        self.optimizer_cfg = optimizer or DEFAULT_OPTIMIZER
-        self.scheduler_cfg = scheduler if scheduler is not None else DEFAULT_SCHEDULER
         self.save_hyperparameters(
             {
                 "backbone": backbone,
                 "task": task,
                 "num_classes": num_classes,
-                "method": method,
-                "bn": bn,
+                "method": method if not isinstance(method, Method) else method.name,
+                "bn": self.method.bn,
                 "mask": self.mask_cfg,
-                "optimizer": self.optimizer_cfg,
-                "scheduler": self.scheduler_cfg,
-                "lr": self.lr_cfg,
+                "optimizer": self.method.optimizer,
+                "scheduler": self.method.scheduler,
+                "lr": self.method.lr,
                 "class_names": _plain(class_names),
                 "channels_last": channels_last,
                 "log_layer_sparsity": log_layer_sparsity,
             }
         )
-        self.method = method
-        self.bn_mode = "train" if method == "finetune" else bn
         self.channels_last = channels_last
         self.log_layer_sparsity = log_layer_sparsity
 
@@ -136,9 +142,7 @@ class PiggybackModule(L.LightningModule):
         # against the former, tasks with frozen BN are restored to the latter.
         self.backbone_fingerprint = fingerprint(self.backbone)
         self.pretrained_bn = bn_state_dict(self.backbone)
-        if method == "piggyback":
-            mask_model(self.backbone, **self.mask_cfg)
-        self._freeze_backbone()
+        self.method.prepare_backbone(self, self.mask_cfg)
 
         self.heads = nn.ModuleDict()
         self.metrics = nn.ModuleDict()
@@ -147,46 +151,24 @@ class PiggybackModule(L.LightningModule):
         self.add_task(task, num_classes, class_names=class_names)
         self._enforce_frozen_modes()
 
+    @property
+    def method_name(self) -> str:
+        return self.method.name
+
+    @property
+    def bn_mode(self) -> str:
+        return "train" if self.method.trains_bn else "frozen"
+
     # ----------------------------------------------------------------- parameters
-    def _freeze_backbone(self) -> None:
-        train_bn = self.bn_mode == "train" and self.method != "classifier_only"
-        for module in self.backbone.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if self.method == "finetune":
-                    param.requires_grad_(True)
-                elif name == "mask_real":
-                    param.requires_grad_(self.method == "piggyback")
-                elif isinstance(module, _BN):
-                    param.requires_grad_(train_bn)
-                else:
-                    param.requires_grad_(False)
-
-    def mask_parameters(self) -> list[nn.Parameter]:
-        return [layer.mask_real for _, layer in masked_weights(self.backbone)]
-
-    def bn_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.backbone.modules() if isinstance(m, _BN) for p in m.parameters()]
-
     def param_groups(self) -> list[dict[str, Any]]:
         """Named groups (masks / bn / backbone / head) so LR monitors show readable names."""
-        lr = self.lr_cfg
-        groups: list[dict[str, Any]] = []
-        if self.method == "piggyback":
-            groups.append({"name": "masks", "params": self.mask_parameters(), "lr": lr["masks"]})
-            if self.bn_mode == "train":
-                groups.append({"name": "bn", "params": self.bn_parameters(), "lr": lr["bn"]})
-        elif self.method == "finetune":
-            params = [p for p in self.backbone.parameters() if p.requires_grad]
-            groups.append({"name": "backbone", "params": params, "lr": lr["backbone"]})
-        head_lr = lr["backbone"] if self.method == "finetune" else lr["head"]
-        groups.append({"name": "head", "params": list(self.head.parameters()), "lr": head_lr})
-        return [g for g in groups if g["params"]]
+        return self.method.param_groups(self)
 
     def configure_optimizers(self):
-        optimizer = build(self.optimizer_cfg)(self.param_groups())
-        if not self.scheduler_cfg:
+        optimizer = build(self.method.optimizer)(self.param_groups())
+        if not self.method.scheduler:
             return optimizer
-        scheduler = build(self.scheduler_cfg)(optimizer)
+        scheduler = build(self.method.scheduler)(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
@@ -223,38 +205,28 @@ class PiggybackModule(L.LightningModule):
     def add_task(
         self, task: str, num_classes: int, *, class_names: list[str] | None = None
     ) -> None:
-        """Start learning ``task``: fresh mask (per ``mask.mask_init``), fresh head."""
+        """Start learning ``task``: the method prepares the backbone, the head is fresh."""
         if task in self.tasks:
             raise ValueError(f"task {task!r} already exists; known tasks: {sorted(self.tasks)}")
-        if self.method == "finetune" and self.tasks:
+        if self.method.separate_networks and self.tasks:
             raise ValueError(
-                "method 'finetune' trains a separate network per task: build a new module"
+                f"method {self.method.name!r} trains a separate network per task: "
+                "build a new module"
             )
         self.commit_task()
         self._register_task(task, TaskState(num_classes=num_classes, class_names=class_names))
         self.task = task
-        reset_masks(self.backbone, self.mask_cfg["mask_init"], self.mask_cfg["mask_scale"])
-        load_bn_state(self.backbone, self.pretrained_bn)
+        self.method.start_task(self, task)
         self._set_trainable_heads()
 
     def _set_trainable_heads(self) -> None:
         for name, head in self.heads.items():
             head.requires_grad_(name == self.task)
 
-    def _mask_versions(self) -> list[int]:
-        return [layer.mask_real._version for _, layer in masked_weights(self.backbone)]
-
     def commit_task(self) -> None:
-        """Store the current task's mask (packed) and BN state so another task can run."""
-        if self.task is None or self.method == "finetune":
-            return
-        state = self.tasks[self.task]
-        versions = self._mask_versions()
-        if versions and (state.masks is None or state.packed_versions != versions):
-            state.masks = pack_model_masks(self.backbone)
-            state.packed_versions = versions
-        if self.bn_mode == "train":
-            state.bn_state = bn_state_dict(self.backbone)
+        """Store the current task (e.g. its packed masks) so another task can run."""
+        if self.task is not None:
+            self.method.store_task(self, self.tasks[self.task])
 
     @torch.no_grad()
     def set_task(self, task: str) -> None:
@@ -264,18 +236,14 @@ class PiggybackModule(L.LightningModule):
         if task not in self.tasks:
             raise KeyError(f"unknown task {task!r}; known tasks: {sorted(self.tasks)}")
         self.commit_task()
-        state = self.tasks[task]
-        for name, layer in masked_weights(self.backbone):
-            layer.set_mask(state.masks[name].unpack(dtype=None))
-        load_bn_state(self.backbone, state.bn_state or self.pretrained_bn)
-        state.packed_versions = self._mask_versions()
         self.task = task
+        self.method.activate_task(self, self.tasks[task])
         self._set_trainable_heads()
 
     # -------------------------------------------------------------------- forward
     def _enforce_frozen_modes(self) -> None:
         """Keep frozen parts in eval mode: frozen BN must not update its running statistics."""
-        if self.method == "classifier_only":
+        if self.method.backbone_frozen:
             self.backbone.eval()
         elif self.bn_mode == "frozen":
             for module in self.backbone.modules():
@@ -287,15 +255,10 @@ class PiggybackModule(L.LightningModule):
         self._enforce_frozen_modes()
         return self
 
-    def on_train_epoch_start(self) -> None:
-        # Lightning >= 2.2 restores each submodule's own mode instead of calling .train()
-        # on the whole module, so the override above is not enough on its own.
-        self._enforce_frozen_modes()
-
     def features(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.method == "classifier_only":
+        if self.method.backbone_frozen:
             with torch.no_grad():
                 return self.backbone(x)
         return self.backbone(x)
@@ -337,14 +300,22 @@ class PiggybackModule(L.LightningModule):
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).argmax(dim=1)
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning >= 2.2 restores each submodule's own mode instead of calling .train()
+        # on the whole module, so the ``train`` override alone is not enough.
+        self._enforce_frozen_modes()
+        self.method.on_train_epoch_start(self)
+
+    def on_after_backward(self) -> None:
+        self.method.on_after_backward(self)
+
+    def on_train_end(self) -> None:
+        self.method.on_train_end(self)
+
     def on_train_epoch_end(self) -> None:
-        if self.method != "piggyback":
-            return
-        masks = get_masks(self.backbone)
-        self.log("masks/zeros", total_sparsity(masks))
-        if self.log_layer_sparsity:
-            per_layer = layer_sparsity(masks)
-            self.log_dict({f"masks/zeros/{name}": value for name, value in per_layer.items()})
+        metrics = self.method.epoch_metrics(self)
+        if metrics:
+            self.log_dict(metrics)
 
     # --------------------------------------------------------------- persistence
     def export_task(
@@ -358,19 +329,17 @@ class PiggybackModule(L.LightningModule):
         """The task artifact of ``task`` (default: the current one)."""
         if task is not None:
             self.set_task(task)
-        state = self.tasks[self.task]
-        return extract_artifact(
+        return artifact_from_model(
             self.backbone,
             self.head,
+            self.method.export(self, encoding),
             task=self.task,
             backbone_name=self.backbone_name,
-            method=self.method,
+            method=self.method.name,
             backbone_fingerprint=self.backbone_fingerprint,
-            class_names=state.class_names,
-            include_bn=self.bn_mode == "train",
+            class_names=self.tasks[self.task].class_names,
             config=config,
             metrics=metrics,
-            encoding=encoding,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -379,17 +348,12 @@ class PiggybackModule(L.LightningModule):
             "task": self.task,
             "fingerprint": self.backbone_fingerprint,
             "pretrained_bn": self.pretrained_bn,
+            "method_state": self.method.checkpoint_state(self),
             "tasks": {
                 name: {
                     "num_classes": s.num_classes,
                     "class_names": s.class_names,
-                    "bn_state": s.bn_state,
-                    "masks": None
-                    if s.masks is None
-                    else {
-                        n: {"data": m.data, "shape": list(m.shape), "kind": m.kind}
-                        for n, m in s.masks.items()
-                    },
+                    "stored": _encode_stored(s.stored),
                 }
                 for name, s in self.tasks.items()
             },
@@ -405,15 +369,10 @@ class PiggybackModule(L.LightningModule):
             return
         self.backbone_fingerprint = saved["fingerprint"]
         self.pretrained_bn = saved["pretrained_bn"]
+        self.method.load_checkpoint_state(self, saved.get("method_state") or {})
         for name, info in saved["tasks"].items():
-            masks = None
-            if info["masks"] is not None:
-                masks = {
-                    n: PackedMask(m["data"], tuple(m["shape"]), m["kind"])
-                    for n, m in info["masks"].items()
-                }
-            state = TaskState(info["num_classes"], info["class_names"], masks, info["bn_state"])
-            self._register_task(name, state)
+            stored = _decode_stored(info["stored"])
+            self._register_task(name, TaskState(info["num_classes"], info["class_names"], stored))
         # The current task's live mask and BN come with the state dict itself.
         self.task = saved["task"]
         self._set_trainable_heads()

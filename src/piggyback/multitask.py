@@ -44,9 +44,11 @@ from piggyback.masks.artifact import (
     fingerprint_for,
     legacy_fingerprint,
     load_artifact,
+    load_bn_state,
     read_checked_file,
     write_checked_file,
 )
+from piggyback.methods import method_class
 from piggyback.nn.convert import (
     MaskingError,
     frozen_state_dict,
@@ -70,7 +72,6 @@ __all__ = [
 
 BUNDLE_FORMAT = "piggyback-bundle"
 BUNDLE_VERSION = 2  # v2: parameter-named masks, state fingerprint; v1 still loads
-SUPPORTED_METHODS = ("piggyback", "classifier_only", "finetune")
 
 
 # ------------------------------------------------------------------------- helpers
@@ -179,6 +180,9 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict()
         # finetune tasks: each is its own network (no mask can express moved weights)
         self.finetuned = nn.ModuleDict()
+        # networks and state that a method shares between its tasks (PackNet's one network)
+        self.method_networks = nn.ModuleDict()
+        self.method_state: dict[str, Any] = {}
         self._artifacts: dict[str, TaskArtifact] = {}
         self._loaded: str | None = None  # task whose masks/BN the shared backbone holds
         self.task: str | None = None
@@ -205,7 +209,7 @@ class MultiTaskModel(nn.Module):
         """Always eval: train-mode BN would overwrite the statistics every task shares."""
         return super().train(False)
 
-    def _ensure_masked(self, artifact: TaskArtifact) -> None:
+    def ensure_masked(self, artifact: TaskArtifact) -> None:
         """Mask exactly the layers the artifact masks (the first piggyback task decides)."""
         layers = dict(masked_weights(self.backbone))
         if not layers:
@@ -238,16 +242,19 @@ class MultiTaskModel(nn.Module):
                     f"{tuple(layer.weight.shape)}"
                 )
 
-    def _finetuned_network(self, artifact: TaskArtifact) -> nn.Module:
-        try:
-            net = build_backbone(self.backbone_name, weights=None).model
-        except BackboneError as exc:
-            raise ArtifactError(
-                f"cannot rebuild the {self.backbone_name!r} architecture for fine-tuned task "
-                f"{artifact.task!r}: {exc}"
-            ) from None
-        net = net.to(self._device())
-        apply_artifact(net, artifact, backbone_fingerprint=self.fingerprint)
+    def separate_network(self, artifact: TaskArtifact | None) -> nn.Module:
+        """A network of its own, built from the pristine backbone (fine-tuned tasks, PackNet).
+
+        With an artifact, that artifact is applied to it (its weights loaded).
+        """
+        import copy
+
+        from piggyback.nn import unmask_model
+
+        net = unmask_model(copy.deepcopy(self.backbone))
+        load_bn_state(net, self.pretrained_bn)
+        if artifact is not None:
+            apply_artifact(net, artifact, backbone_fingerprint=self.fingerprint)
         return net.requires_grad_(False).eval()
 
     def add_task(self, artifact: TaskArtifact | str | os.PathLike, *, replace: bool = False) -> str:
@@ -258,24 +265,20 @@ class MultiTaskModel(nn.Module):
         """
         if not isinstance(artifact, TaskArtifact):
             artifact = load_artifact(artifact)
-        if artifact.method not in SUPPORTED_METHODS:
-            raise ArtifactError(
-                f"task {artifact.task!r} has method {artifact.method!r}; a multi-task model "
-                f"supports {SUPPORTED_METHODS}"
-            )
+        try:
+            method = method_class(artifact.method)
+        except ValueError as exc:
+            raise ArtifactError(f"task {artifact.task!r}: {exc} (newer piggyback?)") from None
         if artifact.task in self._artifacts and not replace:
             raise ArtifactError(
                 f"task {artifact.task!r} is already in this model; pass replace=True to swap "
                 "it, or keep the two versions in separate models"
             )
         check_fingerprint(artifact, fingerprint_for(artifact, self.backbone, self.fingerprint))
-        if artifact.method == "piggyback":
-            self._ensure_masked(artifact)
-        head = artifact.build_head().to(self._device())
-        if artifact.method == "finetune":
-            self.finetuned[artifact.task] = self._finetuned_network(artifact)
-        elif artifact.task in self.finetuned:
+        if artifact.task in self.finetuned:
             del self.finetuned[artifact.task]
+        method.attach(self, artifact)
+        head = artifact.build_head().to(self._device())
         self.heads[artifact.task] = head.requires_grad_(False)
         self._artifacts[artifact.task] = artifact
         if self._loaded == artifact.task:
@@ -300,16 +303,9 @@ class MultiTaskModel(nn.Module):
         """Swap in ``task``'s masks, head and BN state; the backbone weights stay in place."""
         artifact = self.artifact(task)
         self.task = task
-        if artifact.method == "finetune" or self._loaded == task:
+        if self._loaded == task:
             return
-        for _, layer in masked_weights(self.backbone):  # binary and ternary tasks may mix
-            layer.threshold, layer.threshold_fn = artifact.threshold, artifact.threshold_fn
-        apply_artifact(
-            self.backbone,
-            artifact,
-            backbone_fingerprint=self.fingerprint,
-            pretrained_bn=self.pretrained_bn,
-        )
+        method_class(artifact.method).activate(self, artifact)
         self._loaded = task
 
     # -------------------------------------------------------------- inference
@@ -321,7 +317,7 @@ class MultiTaskModel(nn.Module):
             raise RuntimeError(
                 f"no task selected: call model(x, task=...) with one of {self.tasks}"
             )
-        net = self.finetuned[self.task] if self.task in self.finetuned else self.backbone
+        net = method_class(self.artifact(self.task).method).network(self, self.task)
         return self.heads[self.task](net(x))
 
     @torch.no_grad()

@@ -21,7 +21,6 @@ from piggyback.backbones import BackboneError
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.instantiate import build, build_all, to_dict
 from piggyback.masks.artifact import ArtifactError, save_artifact
-from piggyback.masks.stats import total_sparsity
 from piggyback.module import PiggybackModule
 
 log = logging.getLogger(__name__)
@@ -73,12 +72,8 @@ def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> PiggybackModule
         backbone=to_dict(cfg.backbone),
         task=datamodule.task_name,
         num_classes=datamodule.num_classes,
-        method=cfg.method.name,
-        bn=cfg.method.get("bn", "frozen"),
+        method=to_dict(cfg.method),
         mask=to_dict(cfg.mask),
-        optimizer=to_dict(cfg.method.optimizer),
-        scheduler=to_dict(cfg.method.get("scheduler")),
-        lr=to_dict(cfg.method.lr),
         class_names=datamodule.class_names,
         channels_last=cfg.model.get("channels_last", False),
         log_layer_sparsity=cfg.model.get("log_layer_sparsity", True),
@@ -107,7 +102,7 @@ def train_task(
     task = datamodule.task_name
     datamodule.prepare_data()
     datamodule.setup("fit")
-    if module is None or cfg.method.name == "finetune":
+    if module is None or module.method.separate_networks:
         module = build_module(cfg, datamodule)
     else:
         module.add_task(task, datamodule.num_classes, class_names=datamodule.class_names)
@@ -126,11 +121,9 @@ def train_task(
     finally:
         _finish_loggers(loggers)
 
-    record: dict[str, Any] = {"task": task, "method": module.method, **metrics}
-    if module.method == "piggyback":
-        from piggyback.nn.convert import get_masks
-
-        record["masked_off"] = total_sparsity(get_masks(module.backbone))
+    record: dict[str, Any] = {"task": task, "method": module.method.name, **metrics}
+    if "masks/zeros" in metrics:
+        record["masked_off"] = metrics["masks/zeros"]
     if cfg.get("save_artifacts", True) and trainer.is_global_zero:
         artifact = module.export_task(
             config=to_dict(cfg),

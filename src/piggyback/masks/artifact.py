@@ -27,7 +27,6 @@ from piggyback.nn.convert import frozen_state_dict, masked_weights
 ARTIFACT_FORMAT = "piggyback-task"
 FORMAT_VERSION = 2
 """v2: masks named by parameter (``conv1.weight``), state fingerprint. v1 files still load."""
-METHODS: tuple[str, ...] = ("piggyback", "finetune", "classifier_only")
 _BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 
 
@@ -89,6 +88,8 @@ class TaskArtifact:
     masks: dict[str, PackedMask] = field(default_factory=dict)
     bn_state: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # method-specific tensors
+    extra_meta: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] | None = None
     threshold_fn: str = "binarizer"
     threshold: float = 5e-3
@@ -107,7 +108,12 @@ class TaskArtifact:
 
     def task_bytes(self) -> int:
         """Bytes this task adds on top of the shared backbone (tensor payload only)."""
-        tensors = [*self.head.values(), *self.bn_state.values(), *self.weights.values()]
+        tensors = [
+            *self.head.values(),
+            *self.bn_state.values(),
+            *self.weights.values(),
+            *self.extra.values(),
+        ]
         return self.mask_bytes() + sum(t.numel() * t.element_size() for t in tensors)
 
     def bits_per_masked_weight(self) -> float:
@@ -231,35 +237,60 @@ def extract_artifact(
 ) -> TaskArtifact:
     """Snapshot the task that ``backbone`` + ``head`` currently implement.
 
-    ``backbone_fingerprint`` must be the fingerprint of the *pretrained* weights; pass it for
-    ``finetune``, whose weights have moved (it defaults to the current weights).
+    The method (by name) decides what is stored; ``include_bn`` stores the BN state for
+    methods that may train it. ``backbone_fingerprint`` must be the fingerprint of the
+    *pretrained* weights; pass it for ``finetune``, whose weights have moved.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    layers = list(masked_weights(backbone))
-    threshold_fn = layers[0][1].threshold_fn if layers else "binarizer"
-    threshold = layers[0][1].threshold if layers else 5e-3
-    masks = {}
-    if method == "piggyback":
-        if not layers:
-            raise ValueError("method 'piggyback' needs a masked backbone (see mask_model)")
-        masks = pack_model_masks(backbone, encoding)
-    weights = {}
-    if method == "finetune":
-        weights = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    from types import SimpleNamespace
+
+    from piggyback.methods import build_method
+
+    method_obj = build_method(method, bn="train" if include_bn else "frozen")
+    parts = method_obj.export(SimpleNamespace(backbone=backbone, task=task), encoding)
+    return artifact_from_model(
+        backbone,
+        head,
+        parts,
+        task=task,
+        backbone_name=backbone_name,
+        method=method,
+        backbone_fingerprint=backbone_fingerprint or fingerprint(backbone),
+        class_names=class_names,
+        config=config,
+        metrics=metrics,
+    )
+
+
+def artifact_from_model(
+    backbone: nn.Module,
+    head: nn.Linear,
+    parts: Any,
+    *,
+    task: str,
+    backbone_name: str,
+    method: str,
+    backbone_fingerprint: str,
+    class_names: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+) -> TaskArtifact:
+    """A task artifact from a method's :class:`~piggyback.methods.ArtifactParts`."""
+    masks = list(masked_weights(backbone))
     return TaskArtifact(
         task=task,
         num_classes=head.out_features,
         method=method,
         backbone=backbone_name,
-        fingerprint=backbone_fingerprint or fingerprint(backbone),
+        fingerprint=backbone_fingerprint,
         head={k: v.detach().clone() for k, v in head.state_dict().items()},
-        masks=masks,
-        bn_state=bn_state_dict(backbone) if include_bn and method == "piggyback" else {},
-        weights=weights,
+        masks=parts.masks,
+        bn_state=parts.bn_state,
+        weights=parts.weights,
+        extra=parts.extra,
+        extra_meta=parts.extra_meta,
         class_names=list(class_names) if class_names is not None else None,
-        threshold_fn=threshold_fn,
-        threshold=threshold,
+        threshold_fn=masks[0][1].threshold_fn if masks else "binarizer",
+        threshold=masks[0][1].threshold if masks else 5e-3,
         config=config,
         metrics=dict(metrics or {}),
     )
@@ -270,6 +301,7 @@ def artifact_tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
     tensors.update({f"head/{k}": v.contiguous() for k, v in artifact.head.items()})
     tensors.update({f"bn/{k}": v.contiguous() for k, v in artifact.bn_state.items()})
     tensors.update({f"weights/{k}": v.contiguous() for k, v in artifact.weights.items()})
+    tensors.update({f"extra/{k}": v.contiguous() for k, v in artifact.extra.items()})
     return {k: v.detach().to("cpu") for k, v in tensors.items()}
 
 
@@ -290,6 +322,7 @@ def artifact_meta(artifact: TaskArtifact) -> dict[str, Any]:
         },
         "config": artifact.config,
         "metrics": artifact.metrics,
+        "extra": artifact.extra_meta,
     }
 
 
@@ -437,6 +470,8 @@ def artifact_from_parts(
         masks=masks,
         bn_state=group("bn/"),
         weights=group("weights/"),
+        extra=group("extra/"),
+        extra_meta=meta.get("extra") or {},
         class_names=meta.get("class_names"),
         threshold_fn=meta["threshold_fn"],
         threshold=meta["threshold"],
@@ -470,14 +505,14 @@ def apply_artifact(
     """
     current = backbone_fingerprint or fingerprint(backbone, bn_state=pretrained_bn)
     check_fingerprint(artifact, fingerprint_for(artifact, backbone, current))
-    if artifact.method == "finetune":
-        try:
-            backbone.load_state_dict(artifact.weights)
-        except RuntimeError as exc:
-            raise ArtifactError(
-                f"fine-tuned weights of {artifact.task!r} do not fit: {exc}"
-            ) from None
-        return artifact.build_head()
+    from piggyback.methods import method_class
+
+    try:
+        cls = method_class(artifact.method)
+    except ValueError as exc:
+        raise ArtifactError(f"task {artifact.task!r}: {exc} (newer piggyback?)") from None
+    cls.apply(backbone, artifact, pretrained_bn)
+    return artifact.build_head()
     layers = dict(masked_weights(backbone))
     if artifact.method == "piggyback":
         if set(layers) != set(artifact.masks):
@@ -506,3 +541,26 @@ def apply_artifact(
     elif pretrained_bn is not None:
         load_bn_state(backbone, pretrained_bn)
     return artifact.build_head()
+
+
+def load_masks(backbone: nn.Module, artifact: TaskArtifact) -> None:
+    """Unpack ``artifact``'s masks into a masked backbone, checking names and shapes."""
+    current = dict(masked_weights(backbone))
+    if set(current) != set(artifact.masks):
+        missing = sorted(set(current) ^ set(artifact.masks))[:5]
+        raise ArtifactError(
+            f"task {artifact.task!r} masks do not match this model's masked weights "
+            f"(differences: {missing}); was it trained with another backbone or target list?"
+        )
+    for name, mask in current.items():
+        packed = artifact.masks[name]
+        if tuple(packed.shape) != tuple(mask.weight.shape):
+            raise ArtifactError(
+                f"task {artifact.task!r}: mask for {name!r} has shape {packed.shape}, "
+                f"the weight has {tuple(mask.weight.shape)}"
+            )
+        if packed.encoding == "bits" and packed.data.numel() != packed_size(
+            packed.numel, packed.kind
+        ):
+            raise ArtifactError(f"task {artifact.task!r}: mask for {name!r} is truncated")
+        mask.set_mask(packed.unpack(dtype=None))

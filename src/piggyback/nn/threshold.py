@@ -109,9 +109,10 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, mask_real, threshold: float, kind: str, rescale: str, owns_grad):
-        ctx.save_for_backward(weight)
+        ctx.save_for_backward(weight, mask_real)  # both exist already: nothing is copied
         ctx.rescale = rescale
         ctx.owns_grad = owns_grad
+        ctx.quantizer = (threshold, kind)
         quantized = quantize(mask_real, threshold, kind)
         if quantized.dtype != weight.dtype:
             quantized = quantized.to(weight.dtype)
@@ -121,8 +122,13 @@ class _MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        (weight,) = ctx.saved_tensors
-        grad_mask = None
+        weight, mask_real = ctx.saved_tensors
+        grad_mask = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            # Methods that train the weights under a fixed mask (PackNet): dW = dW_eff * M.
+            # Computed before the mask gradient, which may reuse ``grad_output`` in place.
+            mask = quantize(mask_real.detach(), *ctx.quantizer)
+            grad_weight = grad_output * mask.to(grad_output.dtype)
         if ctx.needs_input_grad[1]:
             # The masked layers feed W_eff straight into conv/linear, whose backward hands us
             # a freshly computed weight gradient that no other node holds: overwrite it with
@@ -136,7 +142,7 @@ class _MaskedWeight(torch.autograd.Function):
                 and _non_overlapping_and_dense(grad_output)
             )
             grad_mask = _rescale(grad_output, weight, ctx.rescale, inplace)
-        return None, grad_mask, None, None, None, None
+        return grad_weight, grad_mask, None, None, None, None
 
 
 def masked_weight(
@@ -148,7 +154,7 @@ def masked_weight(
     *,
     owns_grad: bool = False,
 ) -> torch.Tensor:
-    """Effective weight ``W * M``; the pretrained ``weight`` never receives a gradient.
+    """Effective weight ``W * M``; ``weight`` gets ``dL/dW_eff * M`` only if it requires grad.
 
     ``owns_grad=True`` promises that the result feeds exactly one op whose backward returns
     a fresh gradient buffer (conv, linear), so the mask gradient may reuse that buffer. The

@@ -1,0 +1,235 @@
+"""What a *method* is: the hooks that differ between Piggyback and its baselines.
+
+A method decides which parameters train (in named groups), what a finished task stores,
+how a task is activated on the shared backbone, and how it travels in a task artifact. The
+``PiggybackModule``, artifacts, the multi-task model, training and evaluation ask the method
+object; none of them compares method names. Like an Avalanche plugin, a new method
+subclasses :class:`Method` and overrides only the hooks it needs; the class registers
+itself under its ``name`` so that artifacts (which record the name) find it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from piggyback.masks.artifact import bn_state_dict, load_bn_state
+
+if TYPE_CHECKING:  # pragma: no cover
+    from piggyback.masks.artifact import TaskArtifact
+    from piggyback.module import PiggybackModule
+    from piggyback.multitask import MultiTaskModel
+
+BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+BN_MODES = ("frozen", "train")
+REGISTRY: dict[str, type[Method]] = {}
+
+
+@dataclass
+class TaskState:
+    """A finished task as the module keeps it; ``stored`` is whatever its method saves."""
+
+    num_classes: int
+    class_names: list[str] | None = None
+    stored: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ArtifactParts:
+    """The method-specific tensors of a task artifact (the head and metadata are common)."""
+
+    masks: dict[str, Any] = field(default_factory=dict)  # name -> PackedMask
+    bn_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra_meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class: a frozen backbone, nothing learned in it. Override what differs."""
+
+    name: ClassVar[str] = ""
+    default_lr: ClassVar[dict[str, float]] = {"head": 1e-4}
+    default_optimizer: ClassVar[dict[str, Any]] = {
+        "_target_": "torch.optim.Adam",
+        "_partial_": True,
+    }
+    #: one network per task (the "individual networks" baseline): a module holds one task
+    separate_networks: ClassVar[bool] = False
+    #: later tasks can change earlier tasks' predictions (shown by the CL report)
+    may_forget: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            REGISTRY[cls.name] = cls
+
+    def __init__(
+        self,
+        *,
+        bn: str = "frozen",
+        optimizer: Mapping[str, Any] | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+        lr: Mapping[str, float] | None = None,
+        name: str | None = None,
+    ) -> None:
+        if bn not in BN_MODES:
+            raise ValueError(f"unknown bn mode {bn!r}; choose one of {BN_MODES}")
+        if name is not None and name != self.name:
+            raise ValueError(f"method config name {name!r} does not match class {self.name!r}")
+        self.bn = bn
+        self.optimizer = dict(optimizer or self.default_optimizer)
+        self.scheduler = None if scheduler is None else dict(scheduler)
+        self.lr = {**self.default_lr, **(lr or {})}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(bn={self.bn!r})"
+
+    # ------------------------------------------------------------ the backbone
+    @property
+    def trains_bn(self) -> bool:
+        return self.bn == "train"
+
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether the backbone runs in eval mode under ``no_grad`` (features only)."""
+        return False
+
+    def prepare_backbone(self, module: PiggybackModule, mask_options: Mapping[str, Any]) -> None:
+        """Called once after the pretrained backbone is built: mask it, set requires_grad."""
+        self.freeze(module)
+
+    def freeze(self, module: PiggybackModule) -> None:
+        """Everything frozen except BN when the method trains it."""
+        for sub in module.backbone.modules():
+            for param in sub.parameters(recurse=False):
+                param.requires_grad_(self.trains_bn and isinstance(sub, BN_TYPES))
+
+    def param_groups(self, module: PiggybackModule) -> list[dict[str, Any]]:
+        """Named optimizer groups (LR monitors show the names); empty groups are dropped."""
+        groups = self.backbone_groups(module)
+        groups.append(
+            {"name": "head", "params": list(module.head.parameters()), "lr": self.lr["head"]}
+        )
+        return [g for g in groups if g["params"]]
+
+    def backbone_groups(self, module: PiggybackModule) -> list[dict[str, Any]]:
+        if not self.trains_bn:
+            return []
+        bns = [m for m in module.backbone.modules() if isinstance(m, BN_TYPES)]
+        params = [p for m in bns for p in m.parameters()]
+        return [{"name": "bn", "params": params, "lr": self.lr.get("bn", self.lr["head"])}]
+
+    # ------------------------------------------------------------------ tasks
+    def start_task(self, module: PiggybackModule, task: str) -> None:
+        """A new task begins on the current backbone (pretrained BN by default)."""
+        load_bn_state(module.backbone, module.pretrained_bn)
+
+    def store_task(self, module: PiggybackModule, state: TaskState) -> None:
+        """Keep what the finished current task needs to be activated again."""
+        if self.trains_bn:
+            state.stored["bn_state"] = bn_state_dict(module.backbone)
+
+    def activate_task(self, module: PiggybackModule, state: TaskState) -> None:
+        """Make the backbone compute a stored task."""
+        load_bn_state(module.backbone, state.stored.get("bn_state") or module.pretrained_bn)
+
+    # ------------------------------------------------------- training hooks
+    def on_train_epoch_start(self, module: PiggybackModule) -> None:
+        """Per-epoch hook (PackNet prunes here)."""
+
+    def on_after_backward(self, module: PiggybackModule) -> None:
+        """Gradient hook (PackNet keeps earlier tasks' weights out of the update)."""
+
+    def on_train_end(self, module: PiggybackModule) -> None:
+        """End of a task's training (PackNet prunes here when no retraining is left)."""
+
+    def epoch_metrics(self, module: PiggybackModule) -> dict[str, float]:
+        """Extra scalars logged at the end of each training epoch."""
+        return {}
+
+    def checkpoint_state(self, module: PiggybackModule) -> dict[str, Any]:
+        """Method state that a Lightning checkpoint must carry beyond the state dict."""
+        return {}
+
+    def load_checkpoint_state(self, module: PiggybackModule, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state`."""
+
+    # --------------------------------------------------------------- artifacts
+    def export(self, module: PiggybackModule, encoding: str) -> ArtifactParts:
+        """The tensors of the current task's artifact (besides its head)."""
+        bn = bn_state_dict(module.backbone) if self.trains_bn else {}
+        return ArtifactParts(bn_state=bn)
+
+    @classmethod
+    def apply(
+        cls,
+        backbone: nn.Module,
+        artifact: TaskArtifact,
+        pretrained_bn: Mapping[str, torch.Tensor] | None,
+    ) -> None:
+        """Make a (fingerprint-checked) backbone compute ``artifact``'s task."""
+        if artifact.bn_state:
+            load_bn_state(backbone, artifact.bn_state)
+        elif pretrained_bn is not None:
+            load_bn_state(backbone, pretrained_bn)
+
+    # ------------------------------------------------------ multi-task model
+    @classmethod
+    def attach(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+        """Prepare ``model`` to hold ``artifact`` (called once when the task is added)."""
+
+    @classmethod
+    def activate(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+        """Switch ``model``'s shared backbone to ``artifact``'s task."""
+        from piggyback.masks.artifact import apply_artifact
+
+        apply_artifact(
+            model.backbone,
+            artifact,
+            backbone_fingerprint=model.fingerprint,
+            pretrained_bn=model.pretrained_bn,
+        )
+
+    @classmethod
+    def network(cls, model: MultiTaskModel, task: str) -> nn.Module:
+        """The network that computes ``task``'s features in ``model``."""
+        return model.backbone
+
+
+def method_class(name: str) -> type[Method]:
+    """The registered method class of ``name`` (as recorded in artifacts)."""
+    import piggyback.methods  # noqa: F401  (registers the built-in methods)
+
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)}") from None
+
+
+def build_method(spec: str | Mapping[str, Any] | Method, **overrides: Any) -> Method:
+    """A method object from a registered name, a ``_target_`` config, or an object."""
+    if isinstance(spec, Method):
+        return spec
+    if isinstance(spec, str):
+        return method_class(spec)(**overrides)
+    options = {k: v for k, v in dict(spec).items() if v is not None or k == "scheduler"}
+    options.update(overrides)
+    target = options.pop("_target_", None)
+    if target is None:
+        return method_class(options.pop("name", "piggyback"))(**options)
+    from hydra.errors import InstantiationException
+
+    from piggyback.instantiate import build
+
+    try:
+        return build({"_target_": target, "_recursive_": False, **options})
+    except InstantiationException as exc:  # a bad option: the method's own message
+        cause = exc.__cause__
+        if isinstance(cause, ValueError | TypeError):
+            raise ValueError(f"method {target}: {cause}") from None
+        raise

@@ -1,0 +1,42 @@
+"""The paper's "classifier only" baseline: frozen pretrained features, a new head."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from piggyback.methods.base import Method
+
+if TYPE_CHECKING:  # pragma: no cover
+    from piggyback.masks.artifact import TaskArtifact
+
+
+class ClassifierOnly(Method):
+    """Only the head trains; the backbone runs in eval mode without gradients."""
+
+    name = "classifier_only"
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return True
+
+    @property
+    def trains_bn(self) -> bool:
+        return False
+
+    @classmethod
+    def apply(
+        cls,
+        backbone: nn.Module,
+        artifact: TaskArtifact,
+        pretrained_bn: Mapping[str, torch.Tensor] | None,
+    ) -> None:
+        """The pretrained network: masks (if another task masked this backbone) all ones."""
+        from piggyback.nn import masked_weights
+
+        for _, mask in masked_weights(backbone):
+            mask.reset_mask("1s", 1.0)
+        super().apply(backbone, artifact, pretrained_bn)

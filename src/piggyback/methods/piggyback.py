@@ -1,0 +1,121 @@
+"""Piggyback: a learned binary (or ternary) mask per task over frozen weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from piggyback.methods.base import BN_TYPES, ArtifactParts, Method, TaskState
+
+if TYPE_CHECKING:  # pragma: no cover
+    from piggyback.masks.artifact import TaskArtifact
+    from piggyback.module import PiggybackModule
+    from piggyback.multitask import MultiTaskModel
+
+
+class Piggyback(Method):
+    """Masks (and, with ``bn="train"``, task-specific BN) train; W never changes."""
+
+    name = "piggyback"
+    default_lr = {"masks": 1e-4, "head": 1e-4, "bn": 1e-4}
+
+    def prepare_backbone(self, module: PiggybackModule, mask_options: Mapping[str, Any]) -> None:
+        from piggyback.nn import mask_model
+
+        mask_model(module.backbone, **mask_options)
+        self.freeze(module)
+
+    def freeze(self, module: PiggybackModule) -> None:
+        for sub in module.backbone.modules():
+            for pname, param in sub.named_parameters(recurse=False):
+                if pname == "mask_real":
+                    param.requires_grad_(True)
+                else:
+                    param.requires_grad_(self.trains_bn and isinstance(sub, BN_TYPES))
+
+    def backbone_groups(self, module: PiggybackModule) -> list[dict[str, Any]]:
+        from piggyback.nn import mask_parameters
+
+        masks = {"name": "masks", "params": list(mask_parameters(module.backbone))}
+        masks["lr"] = self.lr["masks"]
+        return [masks, *super().backbone_groups(module)]
+
+    # ------------------------------------------------------------------ tasks
+    def start_task(self, module: PiggybackModule, task: str) -> None:
+        from piggyback.nn import reset_masks
+
+        reset_masks(module.backbone, module.mask_cfg["mask_init"], module.mask_cfg["mask_scale"])
+        super().start_task(module, task)
+
+    @staticmethod
+    def _versions(module: PiggybackModule) -> list[int]:
+        from piggyback.nn import masked_weights
+
+        return [mask.mask_real._version for _, mask in masked_weights(module.backbone)]
+
+    def store_task(self, module: PiggybackModule, state: TaskState) -> None:
+        """Pack the masks (1 bit per weight), skipping the work when nothing changed."""
+        from piggyback.masks.artifact import pack_model_masks
+
+        versions = self._versions(module)
+        if "masks" not in state.stored or state.stored.get("versions") != versions:
+            state.stored["masks"] = pack_model_masks(module.backbone)
+            state.stored["versions"] = versions
+        super().store_task(module, state)
+
+    def activate_task(self, module: PiggybackModule, state: TaskState) -> None:
+        from piggyback.nn import masked_weights
+
+        packed = state.stored["masks"]
+        for name, mask in masked_weights(module.backbone):
+            mask.set_mask(packed[name].unpack(dtype=None))
+        super().activate_task(module, state)
+        state.stored["versions"] = self._versions(module)
+
+    def epoch_metrics(self, module: PiggybackModule) -> dict[str, float]:
+        from piggyback.masks.stats import layer_sparsity, total_sparsity
+        from piggyback.nn import get_masks
+
+        masks = get_masks(module.backbone)
+        metrics = {"masks/zeros": total_sparsity(masks)}
+        if module.log_layer_sparsity:
+            per_layer = layer_sparsity(masks)
+            metrics.update({f"masks/zeros/{name}": value for name, value in per_layer.items()})
+        return metrics
+
+    # --------------------------------------------------------------- artifacts
+    def export(self, module: PiggybackModule, encoding: str) -> ArtifactParts:
+        from piggyback.masks.artifact import pack_model_masks
+
+        parts = super().export(module, encoding)
+        parts.masks = pack_model_masks(module.backbone, encoding)
+        if not parts.masks:
+            raise ValueError("method 'piggyback' needs a masked backbone (see mask_model)")
+        return parts
+
+    @classmethod
+    def apply(
+        cls,
+        backbone: nn.Module,
+        artifact: TaskArtifact,
+        pretrained_bn: Mapping[str, torch.Tensor] | None,
+    ) -> None:
+        from piggyback.masks.artifact import load_masks
+
+        load_masks(backbone, artifact)
+        super().apply(backbone, artifact, pretrained_bn)
+
+    @classmethod
+    def attach(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+        model.ensure_masked(artifact)
+
+    @classmethod
+    def activate(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+        from piggyback.nn import masked_weights
+
+        for _, mask in masked_weights(model.backbone):  # binary and ternary tasks may mix
+            mask.threshold, mask.threshold_fn = artifact.threshold, artifact.threshold_fn
+        super().activate(model, artifact)

@@ -1,0 +1,219 @@
+"""Each method class on the demo backbone: what trains, what a task keeps, no-forgetting."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from piggyback.data.digits import DigitsDataModule
+from piggyback.masks import ArtifactError, apply_artifact
+from piggyback.methods import (
+    REGISTRY,
+    ClassifierOnly,
+    Finetune,
+    FinetuneSequential,
+    PackNet,
+    Piggyback,
+    build_method,
+    method_class,
+)
+from piggyback.methods.packnet import FREE, owner_bits, pack_codes, unpack_codes
+from piggyback.module import PiggybackModule
+from piggyback.multitask import MultiTaskModel
+from piggyback.nn import masked_weights
+
+
+def _trainer(tmp_path, epochs=2):
+    return L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_train_batches=5,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+
+
+def _module(demo_cache, method, task="digits_rotated", num_classes=10, **kw):
+    return PiggybackModule(
+        backbone={"name": "small_cnn", "weights": "demo", "cache_dir": str(demo_cache)},
+        task=task,
+        num_classes=num_classes,
+        method=method,
+        **kw,
+    )
+
+
+def _logits(module, datamodule):
+    module.eval()
+    datamodule.setup("test")
+    with torch.no_grad():
+        return torch.cat([module(x) for x, _ in datamodule.test_dataloader()])
+
+
+def test_registry_and_specs():
+    assert {"piggyback", "finetune", "finetune_sequential", "classifier_only", "packnet"} <= set(
+        REGISTRY
+    )
+    assert method_class("packnet") is PackNet
+    assert isinstance(build_method("piggyback"), Piggyback)
+    spec = {"_target_": "piggyback.methods.PackNet", "name": "packnet", "prune": 0.25}
+    method = build_method(spec)
+    assert isinstance(method, PackNet) and method.prune == 0.25
+    with pytest.raises(ValueError, match="unknown method"):
+        method_class("nope")
+    with pytest.raises(ValueError, match="does not match"):
+        build_method({"_target_": "piggyback.methods.PackNet", "name": "piggyback"})
+    with pytest.raises(ValueError, match="prune"):
+        PackNet(prune=1.5)
+
+
+@pytest.mark.parametrize(
+    ("method", "groups", "trainable"),
+    [
+        ("piggyback", ["masks", "head"], {"mask_real"}),
+        (Piggyback(bn="train"), ["masks", "bn", "head"], {"mask_real", "bn"}),
+        ("classifier_only", ["head"], set()),
+        ("finetune", ["backbone", "head"], {"weight", "bn"}),
+        ("finetune_sequential", ["backbone", "head"], {"weight", "bn"}),
+        ("packnet", ["backbone", "head"], {"weight"}),
+    ],
+)
+def test_parameter_groups_and_what_trains(demo_cache, method, groups, trainable):
+    module = _module(demo_cache, method)
+    assert [g["name"] for g in module.param_groups()] == groups
+    kinds = set()
+    for name, param in module.backbone.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.endswith("mask_real"):
+            kinds.add("mask_real")
+        elif (
+            ".bn" in name
+            or "norm" in name
+            or isinstance(
+                module.backbone.get_submodule(name.rpartition(".")[0]), torch.nn.BatchNorm2d
+            )
+        ):
+            kinds.add("bn")
+        else:
+            kinds.add(name.rpartition(".")[2])
+    assert kinds == trainable
+
+
+def test_separate_network_methods_refuse_a_second_task(demo_cache):
+    assert Finetune.separate_networks and not FinetuneSequential.separate_networks
+    module = _module(demo_cache, "finetune")
+    with pytest.raises(ValueError, match="separate network"):
+        module.add_task("other", 3)
+    _module(demo_cache, "finetune_sequential").add_task("other", 3)  # one shared network
+
+
+def test_classifier_only_keeps_the_pretrained_network(demo_cache):
+    assert ClassifierOnly().backbone_frozen and not ClassifierOnly(bn="train").trains_bn
+
+
+def test_owner_codes_pack_round_trip():
+    for tasks in (1, 2, 3, 6, 14, 200):
+        bits = owner_bits(tasks)
+        assert 2**bits >= tasks + 2 and bits in (1, 2, 4, 8)
+        codes = torch.randint(0, tasks + 2, (3, 5, 7), dtype=torch.uint8)
+        packed = pack_codes(codes, bits)
+        assert packed.numel() == -(-codes.numel() * bits // 8)
+        assert torch.equal(unpack_codes(packed, codes.numel(), bits).reshape(codes.shape), codes)
+
+
+@pytest.fixture(scope="module")
+def packnet_pair(tmp_path_factory, demo_cache):
+    """PackNet trained on two digit tasks, with task A's logits taken right after A."""
+    tmp = tmp_path_factory.mktemp("packnet")
+    torch.manual_seed(0)
+    data_a, data_b = DigitsDataModule("rotated", batch_size=64), DigitsDataModule("mod3")
+    module = _module(demo_cache, "packnet", lr={"backbone": 1e-2, "head": 1e-2})
+    _trainer(tmp).fit(module, data_a)
+    logits_a = _logits(module, data_a)
+    weights_a = {n: m.weight.detach().clone() for n, m in masked_weights(module.backbone)}
+    owners_a = {n: o.clone() for n, o in module.method.owners.items()}
+    artifact_a = module.export_task()
+    module.add_task("digits_mod3", 3)
+    _trainer(tmp).fit(module, data_b)
+    return module, data_a, data_b, logits_a, weights_a, owners_a, artifact_a
+
+
+def test_packnet_ownership_pruning_and_freezing(packnet_pair):
+    module, _, _, _, weights_a, owners_a, _ = packnet_pair
+    method: PackNet = module.method
+    total = sum(o.numel() for o in owners_a.values())
+    # initial_prune 0.5 frees half of the pretrained weights; task 1 takes them and, with
+    # prune 0.5, keeps half: 50 % pretrained, 25 % task 1, 25 % free after task 1.
+    share = {k: sum(int((o == k).sum()) for o in owners_a.values()) / total for k in (0, 1, FREE)}
+    assert share[0] == pytest.approx(0.5, abs=0.01)
+    assert share[1] == pytest.approx(0.25, abs=0.01)
+    assert share[FREE] == pytest.approx(0.25, abs=0.01)
+    for name, mask in masked_weights(module.backbone):
+        earlier = owners_a[name] <= 1
+        # what tasks 0 and 1 own never moved while task 2 trained
+        assert torch.equal(mask.weight.detach()[earlier], weights_a[name][earlier]), name
+        # task 2 took exactly the weights task 1 left free
+        assert torch.equal(
+            method.owners[name] == 2, (owners_a[name] == FREE) & (method.owners[name] != FREE)
+        )
+        assert (weights_a[name][owners_a[name] == FREE] == 0).all()  # pruned = zeroed
+
+
+def test_packnet_earlier_task_logits_are_bit_identical(packnet_pair):
+    module, data_a, data_b, logits_a, *_ = packnet_pair
+    logits_b = _logits(module, data_b)
+    module.set_task("digits_rotated")
+    assert torch.equal(_logits(module, data_a), logits_a)
+    module.set_task("digits_mod3")
+    assert torch.equal(_logits(module, data_b), logits_b)
+
+
+def test_packnet_artifacts_rebuild_the_sequence_and_refuse_an_untouched_backbone(
+    packnet_pair, demo_cache
+):
+    from piggyback.backbones import build_backbone
+
+    module, data_a, data_b, logits_a, _, _, artifact_a = packnet_pair
+    artifact_b = module.export_task("digits_mod3")
+    assert artifact_b.extra_meta["previous_tasks"] == ["digits_rotated"]
+    pretrained = build_backbone("small_cnn", weights="demo", cache_dir=str(demo_cache)).model
+    with pytest.raises(ArtifactError, match="untouched backbone"):
+        apply_artifact(pretrained, artifact_b)
+    model = MultiTaskModel(pretrained, "small_cnn")
+    with pytest.raises(ArtifactError, match=r"builds on tasks \['digits_rotated'\]"):
+        model.add_task(artifact_b)
+    model.add_task(artifact_a)
+    model.add_task(artifact_b)
+    data_a.setup("test")
+    x = next(iter(data_a.test_dataloader()))[0]
+    with torch.no_grad():
+        assert torch.allclose(model(x, task="digits_rotated"), logits_a[: len(x)], atol=1e-5)
+        data_b.setup("test")
+        xb = next(iter(data_b.test_dataloader()))[0]
+        module.set_task("digits_mod3")
+        module.eval()
+        assert torch.allclose(model(xb, task="digits_mod3"), module(xb), atol=1e-5)
+    # storage: one network's worth of float values across tasks, plus owner indexes
+    values = sum(v.numel() for k, v in artifact_b.extra.items() if k.startswith("values/"))
+    values += sum(v.numel() for k, v in artifact_a.extra.items() if k.startswith("values/"))
+    assert values < sum(m.weight.numel() for _, m in masked_weights(module.backbone))
+
+
+def test_finetune_sequential_forgets(tmp_path, demo_cache):
+    """The same two tasks on one fine-tuned network: task A's predictions move."""
+    torch.manual_seed(0)
+    data_a, data_b = DigitsDataModule("rotated", batch_size=64), DigitsDataModule("mod3")
+    module = _module(demo_cache, "finetune_sequential", lr={"backbone": 5e-2})
+    _trainer(tmp_path).fit(module, data_a)
+    logits_a = _logits(module, data_a)
+    module.add_task("digits_mod3", 3)
+    _trainer(tmp_path).fit(module, data_b)
+    module.set_task("digits_rotated")
+    assert not torch.allclose(_logits(module, data_a), logits_a)
