@@ -30,12 +30,6 @@ from piggyback.methods import Method, TaskState, build_method
 
 _BN = nn.modules.batchnorm._BatchNorm
 
-DEFAULT_SCHEDULER = {
-    "_target_": "torch.optim.lr_scheduler.StepLR",
-    "_partial_": True,
-    "step_size": 15,
-    "gamma": 0.1,
-}
 DEFAULT_MASK = {
     "mask_init": "1s",
     "mask_scale": 1e-2,
@@ -112,8 +106,6 @@ class PiggybackModule(L.LightningModule):
         if scheduler is not None:
             overrides["scheduler"] = scheduler
         self.method: Method = build_method(method, **overrides)
-        if self.method.scheduler is None and scheduler is None and not isinstance(method, dict):
-            self.method.scheduler = dict(DEFAULT_SCHEDULER)
         self.mask_cfg = {**DEFAULT_MASK, **(mask or {})}
         self.save_hyperparameters(
             {
@@ -121,11 +113,11 @@ class PiggybackModule(L.LightningModule):
                 "task": task,
                 "num_classes": num_classes,
                 "method": method if not isinstance(method, Method) else method.name,
-                "bn": self.method.bn,
+                "bn": bn,  # the overrides as given: the method spec holds the rest
                 "mask": self.mask_cfg,
-                "optimizer": self.method.optimizer,
-                "scheduler": self.method.scheduler,
-                "lr": self.method.lr,
+                "optimizer": optimizer,
+                "scheduler": scheduler,
+                "lr": lr,
                 "class_names": _plain(class_names),
                 "channels_last": channels_last,
                 "log_layer_sparsity": log_layer_sparsity,

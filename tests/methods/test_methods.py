@@ -217,3 +217,17 @@ def test_finetune_sequential_forgets(tmp_path, demo_cache):
     _trainer(tmp_path).fit(module, data_b)
     module.set_task("digits_rotated")
     assert not torch.allclose(_logits(module, data_a), logits_a)
+
+
+def test_lr_scale_multiplies_every_group_once(tmp_path, demo_cache):
+    spec = {"_target_": "piggyback.methods.Piggyback", "name": "piggyback", "lr_scale": 10.0}
+    module = _module(demo_cache, spec, lr={"masks": 1e-3})
+    lrs = {g["name"]: g["lr"] for g in module.param_groups()}
+    assert lrs == pytest.approx({"masks": 1e-2, "head": 1e-3})
+    trainer = _trainer(tmp_path, epochs=1)
+    trainer.fit(module, DigitsDataModule("rotated"))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    reloaded = PiggybackModule.load_from_checkpoint(tmp_path / "m.ckpt")
+    assert {g["name"]: g["lr"] for g in reloaded.param_groups()} == pytest.approx(lrs)
+    with pytest.raises(ValueError, match="lr_scale"):
+        build_method({**spec, "lr_scale": 0})
