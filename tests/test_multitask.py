@@ -226,3 +226,31 @@ def test_trained_module_matches_its_exported_task(make_cfg):
     x = torch.rand(4, 1, 32, 32)
     with torch.no_grad():
         assert torch.equal(model(x, task=artifact.task), trained(x))
+
+
+def test_format_1_bundle_still_loads(module, artifacts, pretrained, tmp_path):
+    """Bundles written before masks were named by parameter keep loading, same predictions."""
+    from safetensors import safe_open
+
+    from piggyback.masks.artifact import legacy_fingerprint, read_checked_file, write_checked_file
+    from piggyback.multitask import BUNDLE_FORMAT
+
+    model = MultiTaskModel.from_artifacts(artifacts.values(), copy.deepcopy(pretrained.model))
+    path = save_bundle(model, tmp_path / "bundle.safetensors")
+    meta, tensors = read_checked_file(path, file_format=BUNDLE_FORMAT, version=2, what="bundle")
+    with safe_open(str(path), framework="pt") as handle:
+        assert handle.metadata()["version"] == "2"
+    old_tensors = {k.replace(".weight", "") if "/mask/" in k else k: v for k, v in tensors.items()}
+    meta["fingerprint"] = legacy_fingerprint(pretrained.model)
+    for task_meta in meta["tasks"]:
+        task_meta["fingerprint"] = meta["fingerprint"]
+        task_meta["masks"] = {k.removesuffix(".weight"): v for k, v in task_meta["masks"].items()}
+        task_meta.pop("extra", None)
+    old = write_checked_file(
+        tmp_path / "v1.safetensors", old_tensors, meta, file_format=BUNDLE_FORMAT, version=1
+    )
+    bundle = load_bundle(old)
+    x = torch.rand(4, 1, 32, 32)
+    for task in TASKS:
+        module.set_task(task)
+        assert torch.equal(bundle(x, task=task), module(x))
