@@ -513,34 +513,6 @@ def apply_artifact(
         raise ArtifactError(f"task {artifact.task!r}: {exc} (newer piggyback?)") from None
     cls.apply(backbone, artifact, pretrained_bn)
     return artifact.build_head()
-    layers = dict(masked_weights(backbone))
-    if artifact.method == "piggyback":
-        if set(layers) != set(artifact.masks):
-            missing = sorted(set(layers) ^ set(artifact.masks))[:5]
-            raise ArtifactError(
-                f"task {artifact.task!r} masks do not match this model's masked layers "
-                f"(differences: {missing}); was it trained with another backbone or exclude list?"
-            )
-        for name, layer in layers.items():
-            packed = artifact.masks[name]
-            if tuple(packed.shape) != tuple(layer.weight.shape):
-                raise ArtifactError(
-                    f"task {artifact.task!r}: mask for {name!r} has shape {packed.shape}, "
-                    f"the layer's weight has {tuple(layer.weight.shape)}"
-                )
-            if packed.encoding == "bits" and packed.data.numel() != packed_size(
-                packed.numel, packed.kind
-            ):
-                raise ArtifactError(f"task {artifact.task!r}: mask for {name!r} is truncated")
-            layer.set_mask(packed.unpack(dtype=None))
-    elif layers:  # classifier_only on a masked backbone: the pretrained network
-        for layer in layers.values():
-            layer.reset_mask("1s", 1.0)
-    if artifact.bn_state:
-        load_bn_state(backbone, artifact.bn_state)
-    elif pretrained_bn is not None:
-        load_bn_state(backbone, pretrained_bn)
-    return artifact.build_head()
 
 
 def load_masks(backbone: nn.Module, artifact: TaskArtifact) -> None:
