@@ -21,7 +21,9 @@ CONF = Path(CONF_DIR)
 
 def _options(group: str) -> list[str]:
     root = CONF / group
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    paths = (p.relative_to(root) for p in root.rglob("*.yaml"))
+    # _base/ holds files other options build on, not choices of their own
+    return sorted(str(p.with_suffix("")) for p in paths if not p.parts[0].startswith("_"))
 
 
 def test_every_group_has_options():
@@ -45,7 +47,7 @@ def test_every_group_has_options():
 def test_backbone_configs_build(make_cfg, option):
     cfg = make_cfg(f"backbone={option}")
     spec = to_dict(cfg.backbone)
-    assert spec["name"] == Path(option).name
+    assert spec["name"] == Path(option).name or option == "timm"  # timm: any timm name
     backbone = build_backbone(**{**spec, "weights": None, "checkpoint": None})
     assert backbone.feature_dim > 0
     assert not isinstance(list(backbone.model.modules())[-1], torch.nn.Linear) or option == "vgg16"
@@ -54,6 +56,13 @@ def test_backbone_configs_build(make_cfg, option):
 @pytest.mark.parametrize("option", _options("data"))
 def test_data_configs_build(make_cfg, option):
     cfg = make_cfg(f"data={option}")
+    if option == "imagefolder":  # root, num_classes and task_name are the user's to give
+        assert OmegaConf.missing_keys(cfg.data) == {
+            "data.root",
+            "data.num_classes",
+            "data.task_name",
+        }
+        cfg = make_cfg(f"data={option}", "data.root=x", "data.num_classes=3", "data.task_name=t")
     for data_cfg in task_configs(cfg.data):
         datamodule = build(data_cfg)
         assert datamodule.num_classes == data_cfg.num_classes

@@ -129,6 +129,7 @@ class PiggybackModule(L.LightningModule):
         built = build_backbone(**backbone)
         self.backbone_name = built.name
         self.feature_dim = built.feature_dim
+        self.backbone_data_config = built.data_config  # feeds the data transforms
         self.backbone = built.model
         # Fingerprint and BN statistics of the *pretrained* weights: artifacts are checked
         # against the former, tasks with frozen BN are restored to the latter.

@@ -74,7 +74,6 @@ def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> PiggybackModule
         num_classes=datamodule.num_classes,
         method=to_dict(cfg.method),
         mask=to_dict(cfg.mask),
-        class_names=datamodule.class_names,
         channels_last=cfg.model.get("channels_last", False),
         log_layer_sparsity=cfg.model.get("log_layer_sparsity", True),
     )
@@ -101,11 +100,14 @@ def train_task(
     datamodule: TaskDataModule = build(data_cfg)
     task = datamodule.task_name
     datamodule.prepare_data()
-    datamodule.setup("fit")
     if module is None or module.method.separate_networks:
         module = build_module(cfg, datamodule)
     else:
-        module.add_task(task, datamodule.num_classes, class_names=datamodule.class_names)
+        module.add_task(task, datamodule.num_classes)
+    # The backbone's pretrained normalisation / input size, where the data config left them open.
+    datamodule.adopt_backbone_config(module.backbone_data_config)
+    datamodule.setup("fit")
+    module.tasks[task].class_names = datamodule.class_names
 
     loggers = _loggers(cfg, task)
     trainer: L.Trainer = build(

@@ -9,7 +9,6 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from piggyback.data import DataError, DecathlonDataModule, write_results_json
@@ -194,13 +193,11 @@ def test_unknown_domain(tmp_path):
 
 # ---------------------------------------------------------------------- configs
 @pytest.mark.parametrize("cfg_file", sorted((CONF / "decathlon").glob("*.yaml")), ids=str)
-def test_configs_instantiate(cfg_file: Path, tmp_path):
-    cfg = OmegaConf.merge(
-        {"paths": {"data_dir": str(tmp_path)}}, {"data": OmegaConf.load(cfg_file)}
-    )
+def test_configs_instantiate(cfg_file: Path, tmp_path, make_cfg):
+    cfg = make_cfg(f"data=decathlon/{cfg_file.stem}")  # composed: the shared base file included
     dm = hydra.utils.instantiate(cfg.data)
     assert isinstance(dm, DecathlonDataModule)
     assert dm.task_name == dm.domain == cfg_file.stem
     assert dm.num_classes == DECATHLON_CLASSES[dm.domain]
-    assert dm.devkit_dir == tmp_path / "decathlon-1.0"
+    assert dm.devkit_dir == tmp_path / "data" / "decathlon-1.0"
     assert (dm.batch_size, dm.num_workers, dm.pin_memory) == (32, 4, True)

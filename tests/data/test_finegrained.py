@@ -10,7 +10,6 @@ import hydra
 import PIL.Image
 import pytest
 import torch
-from omegaconf import OmegaConf
 from PIL import Image
 
 from piggyback.data import DataError, FineGrainedDataModule
@@ -211,13 +210,11 @@ def test_truncated_image_fails_or_is_skipped_at_load(make_finegrained, caplog):
 
 # ---------------------------------------------------------------------- configs
 @pytest.mark.parametrize("cfg_file", sorted((CONF / "finegrained").glob("*.yaml")), ids=str)
-def test_configs_instantiate(cfg_file: Path, tmp_path):
-    cfg = OmegaConf.merge(
-        {"paths": {"data_dir": str(tmp_path)}}, {"data": OmegaConf.load(cfg_file)}
-    )
+def test_configs_instantiate(cfg_file: Path, tmp_path, make_cfg):
+    cfg = make_cfg(f"data=finegrained/{cfg_file.stem}")  # composed: the shared base file included
     dm = hydra.utils.instantiate(cfg.data)
     assert isinstance(dm, FineGrainedDataModule)
     assert dm.task_name == cfg_file.stem
     assert dm.num_classes == FINEGRAINED_CLASSES[dm.name]
-    assert dm.root == tmp_path / "finegrained"
+    assert dm.root == tmp_path / "data" / "finegrained"
     assert (dm.batch_size, dm.num_workers, dm.pin_memory) == (32, 4, True)

@@ -6,6 +6,7 @@ import torch
 import torchvision
 from torch import nn
 
+from piggyback.backbones import remove_classifier
 from piggyback.masks import (
     ArtifactError,
     apply_artifact,
@@ -15,12 +16,12 @@ from piggyback.masks import (
     load_artifact,
     save_artifact,
 )
-from piggyback.nn import get_masks, mask_model, masked_weights, reset_masks, strip_classifier
+from piggyback.nn import get_masks, mask_model, masked_weights, reset_masks
 
 
 def _backbone(seed=0):
     torch.manual_seed(seed)
-    model, width = strip_classifier(torchvision.models.resnet18(weights=None))
+    model, width = remove_classifier(torchvision.models.resnet18(weights=None))
     return mask_model(model, mask_init="uniform").eval(), width
 
 

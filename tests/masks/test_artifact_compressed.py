@@ -10,6 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
+from piggyback.backbones import remove_classifier
 from piggyback.masks import (
     ArtifactError,
     apply_artifact,
@@ -19,12 +20,12 @@ from piggyback.masks import (
     save_artifact,
 )
 from piggyback.masks.artifact import PackedMask
-from piggyback.nn import get_masks, mask_model, masked_weights, reset_masks, strip_classifier
+from piggyback.nn import get_masks, mask_model, masked_weights, reset_masks
 
 
 def _backbone() -> tuple[nn.Module, int]:
     torch.manual_seed(0)
-    model, width = strip_classifier(torchvision.models.resnet18(weights=None))
+    model, width = remove_classifier(torchvision.models.resnet18(weights=None))
     return mask_model(model).eval(), width
 
 

@@ -3,7 +3,7 @@
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.data.decathlon import DecathlonDataModule, write_results_json
 from piggyback.data.digits import DigitsDataModule  # noqa: E402  (offline demo tasks)
-from piggyback.data.finegrained import FineGrainedDataModule
+from piggyback.data.finegrained import FineGrainedDataModule, ImageFolderDataModule
 from piggyback.data.torchvision_sets import TorchvisionDataModule
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "DecathlonDataModule",
     "DigitsDataModule",
     "FineGrainedDataModule",
+    "ImageFolderDataModule",
     "TaskDataModule",
     "TorchvisionDataModule",
     "write_results_json",

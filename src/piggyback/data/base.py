@@ -47,6 +47,10 @@ class TaskDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def adopt_backbone_config(self, config: dict[str, Any]) -> None:
+        """Take what the data config left open (mean, std, input size) from the backbone's
+        pretrained data config; called before ``setup``. Fixed-recipe datasets ignore it."""
+
     def _loader(self, dataset: Dataset | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")

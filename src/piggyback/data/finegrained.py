@@ -26,24 +26,15 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import folder
 
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.data.transforms import IMAGENET_MEAN, IMAGENET_STD, finegrained_transform
 
 log = logging.getLogger(__name__)
 
-IMG_EXTENSIONS: tuple[str, ...] = (
-    ".jpg",
-    ".jpeg",
-    ".png",
-    ".ppm",
-    ".pgm",
-    ".bmp",
-    ".gif",
-    ".tif",
-    ".tiff",
-    ".webp",
-)
+#: torchvision's ImageFolder extensions: the same files count as images everywhere.
+IMG_EXTENSIONS: tuple[str, ...] = tuple(folder.IMG_EXTENSIONS)
 
 #: The paper's folder names and their class counts (PAPER.md); other names work as generic
 #: ImageFolder tasks.
@@ -89,11 +80,8 @@ def check_image_file(path: str, size: int, mode: Literal["header", "none"]) -> s
 
 
 def load_image(path: str) -> Image.Image:
-    """Decode one file fully (so errors surface here, not later inside a transform)."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
+    """Decode one file fully, as RGB (torchvision's ``pil_loader``: errors surface here)."""
+    return folder.pil_loader(path)
 
 
 class ImageListDataset(Dataset):
@@ -205,8 +193,14 @@ def _layout(root: Path, name: str, test_split: str) -> str:
     )
 
 
-class FineGrainedDataModule(TaskDataModule):
-    """One fine-grained task from an ImageFolder tree, with a held-out validation split.
+class ImageFolderDataModule(TaskDataModule):
+    """One task from any ImageFolder tree, with a held-out validation split.
+
+    ``<root>/<name>/{train,test}/<class>/*`` (``name=""``: ``root`` itself holds train/ and
+    test/). ``classes`` picks a subset of the class folders, labelled in the given order
+    (Split-CIFAR style task sequences). ``mean``/``std``/``image_size`` left as None come
+    from the backbone's pretrained data config (:meth:`adopt_backbone_config`), else ImageNet
+    at 224 px.
 
     Attributes after ``setup``: ``class_names`` (sorted train folder names), ``class_to_idx``,
     ``train_set`` / ``val_set`` / ``test_set`` (``ImageListDataset``) and ``num_skipped``
@@ -218,8 +212,9 @@ class FineGrainedDataModule(TaskDataModule):
         task_name: str,
         num_classes: int,
         root: str | os.PathLike,
-        name: str,
+        name: str = "",
         *,
+        classes: Sequence[str] | None = None,
         val_fraction: float = 0.1,
         val_on_test: bool = False,
         stratified: bool = True,
@@ -228,11 +223,11 @@ class FineGrainedDataModule(TaskDataModule):
         skip_unreadable: bool = False,
         check_images: Literal["header", "none"] = "header",
         extensions: Sequence[str] = IMG_EXTENSIONS,
-        image_size: int = 224,
-        resize_size: int = 256,
+        image_size: int | None = None,
+        resize_size: int | None = None,
         cropped: bool | None = None,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -268,20 +263,30 @@ class FineGrainedDataModule(TaskDataModule):
         self.skip_unreadable = bool(skip_unreadable)
         self.check_images = check_images
         self.extensions = tuple(e.lower() for e in extensions)
-        self.image_size = int(image_size)
-        self.resize_size = int(resize_size)
+        self.classes = None if classes is None else [str(c) for c in classes]
+        self.image_size = None if image_size is None else int(image_size)
+        self.resize_size = None if resize_size is None else int(resize_size)
         self.cropped = cropped
-        self.mean = tuple(mean)
-        self.std = tuple(std)
+        self.mean = None if mean is None else tuple(mean)
+        self.std = None if std is None else tuple(std)
         self.class_to_idx: dict[str, int] | None = None
         self.num_skipped: dict[str, int] = {}
         self._samples: dict[str, list[tuple[str, int]]] = {}
         self.predict_set: Dataset | None = None
 
     # ------------------------------------------------------------------ discovery
+    def adopt_backbone_config(self, config: dict[str, Any]) -> None:
+        """Fill what the config left open from the backbone's pretrained data config."""
+        if self.mean is None and config.get("mean"):
+            self.mean, self.std = tuple(config["mean"]), tuple(config["std"])
+        if self.image_size is None and config.get("input_size"):
+            self.image_size = int(config["input_size"][-1])
+            if self.resize_size is None and config.get("crop_pct"):
+                self.resize_size = int(round(self.image_size / config["crop_pct"]))
+
     @property
     def dataset_dir(self) -> Path:
-        return self.root / self.name
+        return self.root / self.name if self.name else self.root
 
     def _split_dir(self, split: str) -> Path:
         if not self.dataset_dir.is_dir():
@@ -299,14 +304,24 @@ class FineGrainedDataModule(TaskDataModule):
         return d
 
     def _list_classes(self, split_dir: Path) -> list[str]:
-        with os.scandir(split_dir) as it:
-            return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        try:
+            return folder.find_classes(str(split_dir))[0]
+        except FileNotFoundError:  # no class folder at all
+            return []
 
     def _resolve_classes(self) -> dict[str, int]:
         """Class ids from the train folders only, so every split and run agrees on them."""
         if self.class_to_idx is None:
             train_dir = self._split_dir("train")
             classes = self._list_classes(train_dir)
+            if self.classes is not None:
+                missing = [c for c in self.classes if c not in classes]
+                if missing:
+                    raise DataError(
+                        f"task {self.task_name!r}: data.classes {missing} have no folder in "
+                        f"{train_dir} (it has {classes[:10]})"
+                    )
+                classes = list(self.classes)
             if not classes:
                 raise DataError(
                     f"task {self.task_name!r}: no class folders in {train_dir}; "
@@ -324,6 +339,8 @@ class FineGrainedDataModule(TaskDataModule):
         class_to_idx = self._resolve_classes()
         split_dir = self._split_dir(split)
         classes = self._list_classes(split_dir)
+        if self.classes is not None:  # a subset: other folders are other tasks' classes
+            classes = [c for c in classes if c in class_to_idx]
         unknown = sorted(set(classes) - set(class_to_idx))
         if unknown:
             raise DataError(
@@ -385,13 +402,14 @@ class FineGrainedDataModule(TaskDataModule):
 
     # ------------------------------------------------------------------ datasets
     def _transform(self, train: bool) -> Callable:
+        image_size = self.image_size or 224
         return finegrained_transform(
             self.name,
             train=train,
-            image_size=self.image_size,
-            resize_size=self.resize_size,
-            mean=self.mean,
-            std=self.std,
+            image_size=image_size,
+            resize_size=self.resize_size or round(image_size * 256 / 224),
+            mean=self.mean or IMAGENET_MEAN,
+            std=self.std or IMAGENET_STD,
             cropped=self.cropped,
         )
 
@@ -444,3 +462,11 @@ class FineGrainedDataModule(TaskDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.predict_set, train=False)
+
+
+class FineGrainedDataModule(ImageFolderDataModule):
+    """The paper's fine-grained sets (CUBS, Cars, Flowers, WikiArt, Sketch, ImageNet).
+
+    An :class:`ImageFolderDataModule` whose ``name`` decides the recipe: cropped CUBS / Cars
+    are resized to a square, ImageNet tests on ``val/``.
+    """

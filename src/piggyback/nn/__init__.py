@@ -13,7 +13,6 @@ from piggyback.nn.convert import (
     num_masked_weights,
     reset_masks,
     set_masks,
-    strip_classifier,
     unmask_model,
     weight_names,
 )
@@ -60,7 +59,6 @@ __all__ = [
     "remove_weight_masks",
     "reset_masks",
     "set_masks",
-    "strip_classifier",
     "ternarizer",
     "unmask_model",
     "weight_names",

