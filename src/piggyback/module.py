@@ -302,6 +302,9 @@ class PiggybackModule(L.LightningModule):
     def on_after_backward(self) -> None:
         self.method.on_after_backward(self)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.method.on_train_batch_end(self)
+
     def on_train_end(self) -> None:
         self.method.on_train_end(self)
 

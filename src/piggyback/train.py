@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from piggyback.backbones import BackboneError
+from piggyback.cl import cl_summary, format_cl_table
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.instantiate import build, build_all, to_dict
 from piggyback.masks.artifact import ArtifactError, save_artifact
@@ -113,9 +115,12 @@ def train_task(
     trainer: L.Trainer = build(
         cfg.trainer, logger=loggers or False, callbacks=_callbacks(cfg, task)
     )
+    train_seconds = None
     try:
         if cfg.get("train", True):
+            start = time.perf_counter()
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            train_seconds = time.perf_counter() - start
         metrics = _scalar_metrics(trainer.callback_metrics)
         if cfg.get("test", True):
             results = trainer.test(module, datamodule=datamodule, verbose=False)
@@ -124,6 +129,8 @@ def train_task(
         _finish_loggers(loggers)
 
     record: dict[str, Any] = {"task": task, "method": module.method.name, **metrics}
+    record["train_seconds"] = train_seconds
+    record["datamodule"] = datamodule  # for the continual-learning evaluation; not saved
     if "masks/zeros" in metrics:
         record["masked_off"] = metrics["masks/zeros"]
     if cfg.get("save_artifacts", True) and trainer.is_global_zero:
@@ -146,6 +153,54 @@ def train_task(
     return module, record
 
 
+def evaluate_learned(
+    cfg: DictConfig, learned: list[tuple[str, PiggybackModule, Any]]
+) -> list[float]:
+    """Test accuracy of every task learned so far, each through the module that holds it.
+
+    One quiet Trainer (the run's device and precision, no loggers or callbacks) tests each
+    task on its test split after switching the module to it.
+    """
+    row = []
+    for task, module, datamodule in learned:
+        module.set_task(task)
+        trainer: L.Trainer = build(
+            cfg.trainer,
+            logger=False,
+            callbacks=[],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        results = trainer.test(module, datamodule=datamodule, verbose=False)
+        row.append(float(results[0]["test/acc"]))
+    return row
+
+
+def continual_learning(
+    cfg: DictConfig, records: list[dict[str, Any]], matrix: list[list[float | None]]
+) -> dict[str, Any]:
+    """The ``cl`` block: accuracy matrix, average accuracy, BWT, forgetting, bytes, seconds."""
+    tasks = [r["task"] for r in records]
+    summary = cl_summary(
+        tasks,
+        matrix,
+        task_bytes=[r.get("task_bytes") for r in records],
+        train_seconds=[r.get("train_seconds") for r in records],
+    )
+    loggers = _loggers(cfg, "cl")
+    scalars = {
+        f"cl/{k}": float(summary[k])
+        for k in ("average_accuracy", "bwt", "forgetting")
+        if summary[k] is not None
+    }
+    for logger in loggers:
+        logger.log_metrics(scalars, step=len(tasks))
+        logger.save()  # outside a Trainer nothing else flushes (the CSV logger buffers)
+    _finish_loggers(loggers)
+    return summary
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Flat metrics: a single task's as they are; a sequence's as means plus per-task keys."""
     if len(records) == 1:
@@ -163,14 +218,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 def format_table(records: list[dict[str, Any]]) -> str:
     lines = [
-        f"{'task':<18} {'method':<16} {'test acc':>9} {'masked off':>11} {'artifact':>10}",
-        "-" * 68,
+        f"{'task':<18} {'method':<20} {'test acc':>9} {'masked off':>11} {'artifact':>10}",
+        "-" * 72,
     ]
     for r in records:
         acc = f"{100 * r['test/acc']:.2f}%" if "test/acc" in r else "-"
         off = f"{100 * r['masked_off']:.2f}%" if "masked_off" in r else "-"
         size = f"{r['artifact_bytes'] / 1024:.1f} KB" if "artifact_bytes" in r else "-"
-        lines.append(f"{r['task']:<18} {r['method']:<16} {acc:>9} {off:>11} {size:>10}")
+        lines.append(f"{r['task']:<18} {r['method']:<20} {acc:>9} {off:>11} {size:>10}")
     return "\n".join(lines)
 
 
@@ -183,21 +238,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("resume") and len(tasks) > 1:
         raise ValueError("resume= works for a single-task run; pick one task with data=...")
     module = None
-    records = []
+    records: list[dict[str, Any]] = []
+    learned: list[tuple[str, PiggybackModule, Any]] = []  # (task, its module, its data)
+    matrix: list[list[float | None]] = []
     for data_cfg in tasks:
         module, record = train_task(cfg, data_cfg, module, output_dir, cfg.get("resume"))
         records.append(record)
+        learned.append((record["task"], module, record.pop("datamodule")))
+        if cfg.get("test", True) and "test/acc" in record:
+            # after each task, every task learned so far: the accuracy matrix's next row
+            row = evaluate_learned(cfg, learned) if len(tasks) > 1 else [record["test/acc"]]
+            matrix.append(row + [None] * (len(tasks) - len(row)))
     metrics = summarize(records)
-    summary = {
+    summary: dict[str, Any] = {
         "backbone": cfg.backbone.name,
         "method": cfg.method.name,
         "tasks": {r["task"]: r for r in records},
         "metrics": metrics,
     }
+    if len(matrix) == len(tasks):
+        summary["cl"] = continual_learning(cfg, records, matrix)
     if module is None or module.trainer is None or module.trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     if cfg.get("print_table", True):
         print(format_table(records), flush=True)
+        if "cl" in summary and len(tasks) > 1:
+            print(format_cl_table(summary["cl"]), flush=True)
     return metrics
 
 
@@ -212,8 +278,23 @@ def run(cfg: DictConfig) -> float | None:
     return None if value is None else float(value)
 
 
+def job_dirname(overrides: str, limit: int = 120) -> str:
+    """A multirun job's folder name from its overrides: one path component (no ``/`` from
+    path values), short enough for any file system (long ones end in a digest)."""
+    import hashlib
+
+    name = overrides.replace("/", "_")
+    if len(name) <= limit:
+        return name
+    return f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def main() -> float | None:
     import hydra
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("pb_dirname"):
+        OmegaConf.register_new_resolver("pb_dirname", job_dirname)
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
     def _main(cfg: DictConfig) -> float | None:

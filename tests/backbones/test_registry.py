@@ -75,6 +75,7 @@ def test_feature_widths(name, width):
         ("vit_tiny_patch16_224", "auto", 192, {"img_size": 32}),  # timm, found by name
         ("resnet18", "timm", 512, {}),  # the same name, from timm on request
         ("convnext_atto", "timm", 320, {}),
+        ("mobilenetv3_small_100", "timm", 1024, {}),  # head_hidden_size, not num_features
     ],
 )
 def test_classifier_comes_off_through_the_models_own_api(name, source, width, kwargs):

@@ -71,7 +71,8 @@ def remove_classifier(model: nn.Module, classifier: str | None = None) -> tuple[
     """
     if classifier is None and hasattr(model, "reset_classifier") and hasattr(model, "num_features"):
         model.reset_classifier(0)
-        return model, int(model.num_features)
+        # Models with a pre-logits head (timm MobileNetV3: 1024) output that, not num_features.
+        return model, int(getattr(model, "head_hidden_size", None) or model.num_features)
     modules = dict(model.named_modules())
     if classifier is not None:
         if classifier not in modules or not classifier:

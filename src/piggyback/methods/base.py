@@ -153,6 +153,9 @@ class Method:
     def on_train_epoch_start(self, module: PiggybackModule) -> None:
         """Per-epoch hook (PackNet prunes here)."""
 
+    def on_train_batch_end(self, module: PiggybackModule) -> None:
+        """After each optimizer step of the current task."""
+
     def on_after_backward(self, module: PiggybackModule) -> None:
         """Gradient hook (PackNet keeps earlier tasks' weights out of the update)."""
 

@@ -56,8 +56,14 @@ class Piggyback(Method):
 
         return [mask.mask_real._version for _, mask in masked_weights(module.backbone)]
 
+    def on_train_batch_end(self, module: PiggybackModule) -> None:
+        # A fused optimizer updates mask_real in place without bumping its version counter,
+        # so a training step must mark the packed copy stale explicitly.
+        module.tasks[module.task].stored.pop("versions", None)
+
     def store_task(self, module: PiggybackModule, state: TaskState) -> None:
-        """Pack the masks (1 bit per weight), skipping the work when nothing changed."""
+        """Pack the masks (1 bit per weight), skipping the work when nothing changed (no
+        training step and no in-place write since the last pack)."""
         from piggyback.masks.artifact import pack_model_masks
 
         versions = self._versions(module)
