@@ -163,3 +163,52 @@ def test_sigterm_saves_checkpoint_and_exits_143(tmp_path, demo_cache):
         f"python train.py <same overrides> resume={last}"
     )
     assert "Traceback" not in err
+
+
+def _bad_version_file(path: Path) -> Path:
+    from piggyback.masks.artifact import ARTIFACT_FORMAT, write_checked_file
+
+    return write_checked_file(
+        path, {"x": torch.zeros(1)}, {}, file_format=ARTIFACT_FORMAT, version="v2x"
+    )
+
+
+def test_artifact_with_non_numeric_version_is_an_artifact_error(tmp_path):
+    from piggyback.masks import ArtifactError, load_artifact
+
+    path = _bad_version_file(tmp_path / "t.safetensors")
+    with pytest.raises(ArtifactError) as info:
+        load_artifact(path)
+    assert str(info.value) == (f"{path} has a damaged header: version 'v2x' is not a number")
+
+
+def test_evaluate_on_artifact_with_non_numeric_version_exits_2(make_cfg, tmp_path, capsys):
+    from piggyback.evaluate import run as evaluate_run
+
+    path = _bad_version_file(tmp_path / "a" / "artifacts" / "t.safetensors")
+    cfg = make_cfg(f"artifacts={path}", config_name="eval")
+    with pytest.raises(SystemExit) as info:
+        evaluate_run(cfg)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path} has a damaged header: version 'v2x' is not a number"
+    ]
+
+
+def test_every_written_file_gets_the_umask_mode(tmp_path):
+    from piggyback.atomic import atomic_write_text
+
+    path = _bad_version_file(tmp_path / "t.safetensors")
+    mode = 0o666 & ~_current_umask()
+    assert path.stat().st_mode & 0o777 == mode
+    text = atomic_write_text(tmp_path / "r.json", "{}")
+    assert text.stat().st_mode & 0o777 == mode
+    with pytest.raises(FileExistsError):
+        atomic_write_text(text, "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.safetensors"]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

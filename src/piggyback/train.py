@@ -19,6 +19,7 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from piggyback.atomic import atomic_write_text
 from piggyback.backbones import BackboneError
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.instantiate import build, build_all, to_dict
@@ -247,7 +248,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
     }
     if module is None or module.trainer is None or module.trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(
+            output_dir / "metrics.json", json.dumps(summary, indent=2), overwrite=True
+        )
     if cfg.get("print_table", True):
         print(format_table(records), flush=True)
     return metrics
