@@ -212,3 +212,32 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_resume_from_another_task_method_or_an_artifact_is_refused(tmp_path):
+    from piggyback.validate import check_resume
+
+    ckpt = tmp_path / "last.ckpt"
+    hp = {"task": "digits_rotated", "method": "piggyback", "backbone": {"name": "small_cnn"}}
+    torch.save({"state_dict": {}, "hyper_parameters": hp}, ckpt)
+    check_resume(ckpt, "digits_rotated", "piggyback", "small_cnn")
+    with pytest.raises(ConfigError) as info:
+        check_resume(ckpt, "digits_mod3", "piggyback", "small_cnn")
+    assert str(info.value) == (
+        f"resume={ckpt} is a checkpoint of task 'digits_rotated', but this run is task "
+        "'digits_mod3'; resume with the same data/method/backbone"
+    )
+    with pytest.raises(ConfigError, match=r"of method 'piggyback', but this run is method"):
+        check_resume(ckpt, "digits_rotated", "finetune", "small_cnn")
+    artifact = tmp_path / "t.safetensors"
+    artifact.write_bytes(b"x")
+    with pytest.raises(ConfigError) as info:
+        check_resume(artifact, "digits_rotated", "piggyback", "small_cnn")
+    assert str(info.value) == (
+        f"resume={artifact} is a task artifact, not a training checkpoint; "
+        "resume from checkpoints/<task>/last.ckpt of the killed run"
+    )
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.zeros(2), bare)
+    with pytest.raises(ConfigError, match=r"is not a piggyback training checkpoint"):
+        check_resume(bare, "digits_rotated", "piggyback", "small_cnn")

@@ -26,7 +26,7 @@ from piggyback.instantiate import build, build_all, to_dict
 from piggyback.masks.artifact import ArtifactError, save_artifact
 from piggyback.masks.stats import total_sparsity
 from piggyback.module import PiggybackModule
-from piggyback.validate import ConfigError, check_channels, check_config
+from piggyback.validate import ConfigError, check_channels, check_config, check_resume
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,8 @@ def train_task(
         if isinstance(sample, torch.Tensor) and sample.dim() == 3:
             check_channels(module.backbone, sample.shape[0])
 
+    if ckpt_path:
+        check_resume(ckpt_path, task, cfg.method.name, cfg.backbone.name)
     loggers = _loggers(cfg, task)
     ckpt_dir = output_dir / "checkpoints" / task
     callbacks = _callbacks(cfg, task, has_logger=bool(loggers))

@@ -86,3 +86,36 @@ def check_channels(backbone: object, sample_channels: int) -> None:
             f"the backbone's first conv expects {first.in_channels} input channels but the "
             f"data has {sample_channels}; pick a matching backbone or data transform"
         )
+
+
+def check_resume(path: str | Path, task: str, method: str, backbone: str) -> None:
+    """``resume=`` must be a Lightning checkpoint of this very task, method and backbone."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"resume={path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        raise ConfigError(
+            f"resume={path} is a task artifact, not a training checkpoint; "
+            "resume from checkpoints/<task>/last.ckpt of the killed run"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip and tensor errors alike
+        raise ConfigError(f"resume={path} is not a readable training checkpoint: {exc}") from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"resume={path} is not a piggyback training checkpoint (last.ckpt)")
+    found = {
+        "task": hp.get("task"),
+        "method": hp.get("method"),
+        "backbone": (hp.get("backbone") or {}).get("name"),
+    }
+    wanted = {"task": task, "method": method, "backbone": backbone}
+    for key, value in wanted.items():
+        if found[key] != value:
+            raise ConfigError(
+                f"resume={path} is a checkpoint of {key} {found[key]!r}, but this run is "
+                f"{key} {value!r}; resume with the same data/method/backbone"
+            )
