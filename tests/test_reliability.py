@@ -241,3 +241,30 @@ def test_resume_from_another_task_method_or_an_artifact_is_refused(tmp_path):
     torch.save(torch.zeros(2), bare)
     with pytest.raises(ConfigError, match=r"is not a piggyback training checkpoint"):
         check_resume(bare, "digits_rotated", "piggyback", "small_cnn")
+
+
+@pytest.mark.xfail(reason="RNG state is restored but masks still differ; cause not found yet")
+def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path):
+    from piggyback.masks import load_artifact
+
+    args = (*TINY[:1], "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")
+    args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
+    args += ("logger=none", "callbacks=default", "method.scheduler.step_size=1")
+
+    def run_to(epochs: int, out: str, *extra: str):
+        cfg = make_cfg(*args, f"trainer.max_epochs={epochs}", *extra)
+        cfg.paths.output_dir = str(tmp_path / out)
+        train(cfg)
+        return Path(cfg.paths.output_dir)
+
+    full = run_to(3, "full")
+    killed = run_to(1, "killed")
+    # the epoch-end checkpoint (see report: ModelCheckpoint(save_last) leaves no last.ckpt here)
+    last = killed / "checkpoints" / "digits_rotated" / "epoch000.ckpt"
+    resumed = run_to(3, "resumed", f"resume={last}")
+    a = load_artifact(full / "artifacts" / "digits_rotated.safetensors")
+    b = load_artifact(resumed / "artifacts" / "digits_rotated.safetensors")
+    assert a.masks.keys() == b.masks.keys() and a.masks
+    assert all(torch.equal(a.masks[k].data, b.masks[k].data) for k in a.masks)
+    assert a.head.keys() == b.head.keys()
+    assert all(torch.equal(a.head[k], b.head[k]) for k in a.head)
