@@ -15,6 +15,7 @@ import torch
 from piggyback.masks import load_artifact
 from piggyback.nn import get_masks
 from piggyback.train import train
+from piggyback.validate import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
@@ -85,7 +86,7 @@ def test_existing_artifact_is_never_overwritten(make_cfg):
     train(cfg)
     path = Path(cfg.paths.output_dir) / "artifacts" / "digits_mod3.safetensors"
     before = path.read_bytes()
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(ConfigError, match="overwrite"):  # refused before training
         train(cfg)
     assert path.read_bytes() == before
 

@@ -16,19 +16,40 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.errors import InstantiationException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from piggyback.atomic import atomic_write_text
 from piggyback.backbones import BackboneError
 from piggyback.cl import cl_summary, format_cl_table
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.instantiate import build, build_all, to_dict
 from piggyback.masks.artifact import ArtifactError, save_artifact
 from piggyback.module import PiggybackModule
+from piggyback.resume import RNGStateCheckpoint
+from piggyback.validate import ConfigError, check_channels, check_config, check_resume
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = os.environ.get("PIGGYBACK_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
-USER_ERRORS = (DataError, BackboneError, ArtifactError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (
+    DataError,
+    BackboneError,
+    ArtifactError,
+    ConfigError,
+    FileExistsError,
+    FileNotFoundError,
+)
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGTERM/SIGINT after saving ``checkpoint``; ``code`` is 143 or 130."""
+
+    def __init__(self, code: int, checkpoint: Path) -> None:
+        super().__init__(code, checkpoint)
+        self.code = code
+        self.checkpoint = checkpoint
 
 
 def task_configs(data_cfg: DictConfig) -> list[DictConfig]:
@@ -45,14 +66,29 @@ def _loggers(cfg: DictConfig, task: str) -> list[Any]:
         if not node or "_target_" not in node:
             continue
         fill = {k: task for k in ("name", "version") if k in node and node[k] is None}
+        if "version" in fill and node.get("save_dir") and node.get("name"):
+            fill["version"] = _free_version(Path(node.save_dir) / node.name, task)
         loggers.append(build(node, **fill))
     return loggers
 
 
-def _callbacks(cfg: DictConfig, task: str) -> list[Any]:
+def _free_version(folder: Path, task: str) -> str:
+    """Never write into an earlier run's log folder: ``task``, else ``task_v1``, ``task_v2``..."""
+    version, n = task, 0
+    while (folder / version).exists():
+        n += 1
+        version = f"{task}_v{n}"
+    return version
+
+
+def _callbacks(cfg: DictConfig, task: str, has_logger: bool = True) -> list[Any]:
     callbacks = build_all(cfg.get("callbacks"))
     if not cfg.trainer.get("enable_progress_bar", True):  # e.g. in logs: the bar goes too
         callbacks = [c for c in callbacks if not isinstance(c, L.pytorch.callbacks.ProgressBar)]
+    if not has_logger:  # logger=none: the LR monitor has nowhere to write and would refuse
+        callbacks = [
+            c for c in callbacks if not isinstance(c, L.pytorch.callbacks.LearningRateMonitor)
+        ]
     for callback in callbacks:
         if isinstance(callback, L.pytorch.callbacks.ModelCheckpoint) and callback.dirpath:
             callback.dirpath = str(Path(callback.dirpath) / task)
@@ -110,16 +146,31 @@ def train_task(
     datamodule.adopt_backbone_config(module.backbone_data_config)
     datamodule.setup("fit")
     module.tasks[task].class_names = datamodule.class_names
+    if datamodule.train_set is not None and len(datamodule.train_set) > 0:
+        sample = datamodule.train_set[0][0]
+        if isinstance(sample, torch.Tensor) and sample.dim() == 3:
+            check_channels(module.backbone, sample.shape[0])
 
+    if ckpt_path:
+        check_resume(ckpt_path, task, cfg.method.name, cfg.backbone.name)
     loggers = _loggers(cfg, task)
-    trainer: L.Trainer = build(
-        cfg.trainer, logger=loggers or False, callbacks=_callbacks(cfg, task)
-    )
+    ckpt_dir = output_dir / "checkpoints" / task
+    callbacks = _callbacks(cfg, task, has_logger=bool(loggers))
+    callbacks.append(RNGStateCheckpoint())  # before the exception checkpoint saves its state
+    callbacks.append(L.pytorch.callbacks.OnExceptionCheckpoint(str(ckpt_dir), "last"))
+    trainer: L.Trainer = build(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     train_seconds = None
     try:
         if cfg.get("train", True):
             start = time.perf_counter()
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            try:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            except SIGTERMException:  # Lightning's SIGTERM handler, after on_exception
+                raise Interrupted(143, ckpt_dir / "last.ckpt") from None
+            except SystemExit:  # Lightning turns Ctrl+C into exit(1) after on_exception
+                raise Interrupted(130, ckpt_dir / "last.ckpt") from None
+            if trainer.received_sigterm:
+                raise Interrupted(143, ckpt_dir / "last.ckpt")
             train_seconds = time.perf_counter() - start
         metrics = _scalar_metrics(trainer.callback_metrics)
         if cfg.get("test", True):
@@ -231,12 +282,13 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train every task of ``cfg.data`` on one backbone; returns flat metrics."""
+    tasks = task_configs(cfg.data)
+    check_config(cfg, tasks)
     L.seed_everything(cfg.get("seed", 0), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    tasks = task_configs(cfg.data)
     if cfg.get("resume") and len(tasks) > 1:
-        raise ValueError("resume= works for a single-task run; pick one task with data=...")
+        raise ConfigError("resume= works for a single-task run; pick one task with data=...")
     module = None
     records: list[dict[str, Any]] = []
     learned: list[tuple[str, PiggybackModule, Any]] = []  # (task, its module, its data)
@@ -259,7 +311,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if len(matrix) == len(tasks):
         summary["cl"] = continual_learning(cfg, records, matrix)
     if module is None or module.trainer is None or module.trainer.is_global_zero:
-        (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(
+            output_dir / "metrics.json", json.dumps(summary, indent=2), overwrite=True
+        )
     if cfg.get("print_table", True):
         print(format_table(records), flush=True)
         if "cl" in summary and len(tasks) > 1:
@@ -274,6 +328,16 @@ def run(cfg: DictConfig) -> float | None:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except InstantiationException as exc:  # Hydra wraps errors raised in a constructor
+        if not isinstance(exc.__cause__, USER_ERRORS):
+            raise
+        print(f"error: {exc.__cause__}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except SIGTERMException:
+        exc = Interrupted(143, Path(cfg.paths.output_dir) / "checkpoints")
+        _report_interrupt(cfg, exc)
+    except Interrupted as exc:
+        _report_interrupt(cfg, exc)
     value = metrics.get(cfg.get("optimized_metric") or "")
     return None if value is None else float(value)
 
@@ -287,6 +351,18 @@ def job_dirname(overrides: str, limit: int = 120) -> str:
     if len(name) <= limit:
         return name
     return f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def _report_interrupt(cfg: DictConfig, exc: Interrupted) -> None:
+    """One line saying what was saved and how to continue, then the shell's signal exit code."""
+    name = "SIGTERM" if exc.code == 143 else "SIGINT"
+    print(
+        f"error: interrupted by {name}; checkpoint saved to {exc.checkpoint}; resume with: "
+        f"python train.py <same overrides> resume={exc.checkpoint}",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(exc.code) from None
 
 
 def main() -> float | None:

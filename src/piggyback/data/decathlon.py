@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
+from piggyback.atomic import atomic_write_text
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.data.finegrained import ImageListDataset
 from piggyback.data.transforms import decathlon_geometry, decathlon_transform
@@ -129,28 +129,8 @@ def _to_int(value: Any, what: str) -> int:
 
 
 def _atomic_write_text(path: Path, text: str, *, overwrite: bool) -> None:
-    """Write via a temp file in the same folder, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # fails atomically if path exists
-            except FileExistsError:
-                raise
-            except OSError:  # filesystems without hard links
-                if path.exists():
-                    raise FileExistsError(path) from None
-                os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write via the project's one atomic writer, so readers never see half a file."""
+    atomic_write_text(path, text, overwrite=overwrite)
 
 
 def write_results_json(

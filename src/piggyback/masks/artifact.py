@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -363,6 +362,8 @@ def write_checked_file(
     place, so a crash never leaves half a file and an existing file is never clobbered."""
     from safetensors.torch import save_file
 
+    from piggyback.atomic import atomic_write
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
@@ -374,19 +375,9 @@ def write_checked_file(
         "meta": meta_json,
         "digest": _digest(meta_json, tensors),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=metadata)
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails instead of clobbering a file created meanwhile
-            os.unlink(tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(
+        path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata), overwrite=overwrite
+    )
     return path
 
 
@@ -420,7 +411,13 @@ def read_checked_file(
     if found != file_format:
         hint = (format_hints or {}).get(found, "")
         raise ArtifactError(f"{path} is a safetensors file but not a piggyback {what}{hint}")
-    if int(metadata.get("version", "0")) > version:
+    try:
+        found_version = int(metadata.get("version", "0"))
+    except ValueError:
+        raise ArtifactError(
+            f"{path} has a damaged header: version {metadata.get('version')!r} is not a number"
+        ) from None
+    if found_version > version:
         raise ArtifactError(
             f"{path} uses {what} format v{metadata['version']}; this piggyback reads up to "
             f"v{version}. Upgrade piggyback."

@@ -1,0 +1,53 @@
+"""Exact resume: carry the RNG state through ``last.ckpt``.
+
+Lightning's checkpoint restores weights, optimizer, scheduler and loop counters, but not the
+global RNGs that draw the next epoch's shuffle order (``RandomSampler``) and any random
+augmentation. Without them a resumed run sees a different data order than the uninterrupted
+run with the same seed and ends with different masks.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+
+class RNGStateCheckpoint(L.Callback):
+    """Stores the Python/NumPy/torch RNG states in each checkpoint and puts them back at the
+    start of the first training epoch after a resume (before that epoch's sampler draws)."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "python": random.getstate(),
+            "numpy": _numpy_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = state_dict
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is None:
+            return
+        state, self._pending = self._pending, None
+        random.setstate(state["python"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state() -> tuple[str, torch.Tensor, int, int, float]:
+    """NumPy's state with plain types and a tensor: Lightning loads with ``weights_only``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    keys_t = torch.from_numpy(keys.astype(np.int64))
+    return str(kind), keys_t, int(pos), int(has_gauss), float(gauss)

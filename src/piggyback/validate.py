@@ -1,0 +1,128 @@
+"""Check a whole training config before any work starts.
+
+A bad option found after an hour of training wastes the hour; a task name used as a path can
+write outside the run folder. Everything here runs in milliseconds on the composed config and
+raises ``ConfigError`` with a one-line message that ``train.py`` prints as ``error: ...``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from piggyback.nn import GRAD_RESCALES, MASK_INITS, THRESHOLD_FNS
+
+ENCODINGS = ("bits", "rle")
+# Letters (any script), digits, "_", "-" and spaces; no dots, separators or "..".
+_TASK_NAME = re.compile(r"^[^\W][\w\- ]*$")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key and what is allowed."""
+
+
+def check_task_name(name: object) -> str:
+    """Task names become file names and module keys: refuse anything that is not a plain name."""
+    if not isinstance(name, str) or not _TASK_NAME.match(name) or name != name.strip():
+        raise ConfigError(
+            f"invalid task name {name!r}: use letters, digits, '_', '-' and spaces "
+            "(no dots, path separators or leading/trailing spaces)"
+        )
+    return name
+
+
+def _choice(cfg: DictConfig, key: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(allowed)}")
+
+
+def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
+    """Every check that needs only the config; raises ``ConfigError`` on the first problem."""
+    encoding = cfg.get("artifact_encoding", "bits")
+    _choice(cfg, "artifact_encoding", encoding, ENCODINGS)
+    mask = cfg.get("mask") or {}
+    _choice(cfg, "mask.threshold_fn", mask.get("threshold_fn", "binarizer"), THRESHOLD_FNS)
+    _choice(cfg, "mask.mask_init", mask.get("mask_init", "1s"), MASK_INITS)
+    _choice(cfg, "mask.grad_rescale", mask.get("grad_rescale", "none"), GRAD_RESCALES)
+    if encoding == "rle" and mask.get("threshold_fn") == "ternarizer":
+        raise ConfigError(
+            "artifact_encoding=rle stores binary masks only; use artifact_encoding=bits "
+            "with mask.threshold_fn=ternarizer"
+        )
+    from piggyback.instantiate import to_dict
+    from piggyback.methods import build_method
+
+    try:  # the method's own checks (prune fractions, bn mode, lr_scale, ...)
+        build_method(to_dict(cfg.method))
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from None
+    names = []
+    for data_cfg in task_cfgs:
+        name = check_task_name(data_cfg.get("task_name"))
+        if name in names:
+            raise ConfigError(f"task name {name!r} is used twice in data.tasks")
+        names.append(name)
+        for key in ("batch_size", "eval_batch_size"):
+            value = data_cfg.get(key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{key} must be a positive integer, got {value!r}")
+        num_classes = data_cfg.get("num_classes")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
+            raise ConfigError(f"data.num_classes must be a positive integer, got {num_classes!r}")
+    if cfg.get("save_artifacts", True) and not cfg.get("overwrite_artifacts", False):
+        folder = Path(cfg.paths.output_dir) / "artifacts"
+        for name in names:
+            path = folder / f"{name}.safetensors"
+            if path.exists():
+                raise ConfigError(
+                    f"{path} already exists; pick another output folder "
+                    "(hydra.run.dir=...) or set overwrite_artifacts=true"
+                )
+
+
+def check_channels(backbone: object, sample_channels: int) -> None:
+    """A 3-channel backbone on 1-channel data fails deep inside a conv: say it up front."""
+    import torch.nn as nn
+
+    first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and first.in_channels != sample_channels:
+        raise ConfigError(
+            f"the backbone's first conv expects {first.in_channels} input channels but the "
+            f"data has {sample_channels}; pick a matching backbone or data transform"
+        )
+
+
+def check_resume(path: str | Path, task: str, method: str, backbone: str) -> None:
+    """``resume=`` must be a Lightning checkpoint of this very task, method and backbone."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"resume={path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        raise ConfigError(
+            f"resume={path} is a task artifact, not a training checkpoint; "
+            "resume from checkpoints/<task>/last.ckpt of the killed run"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no code
+    except Exception as exc:  # pickle, zip and tensor errors alike
+        raise ConfigError(f"resume={path} is not a readable training checkpoint: {exc}") from None
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "state_dict" not in ckpt:
+        raise ConfigError(f"resume={path} is not a piggyback training checkpoint (last.ckpt)")
+    method_spec = hp.get("method")
+    found = {
+        "task": hp.get("task"),
+        "method": method_spec.get("name") if isinstance(method_spec, dict) else method_spec,
+        "backbone": (hp.get("backbone") or {}).get("name"),
+    }
+    wanted = {"task": task, "method": method, "backbone": backbone}
+    for key, value in wanted.items():
+        if found[key] != value:
+            raise ConfigError(
+                f"resume={path} is a checkpoint of {key} {found[key]!r}, but this run is "
+                f"{key} {value!r}; resume with the same data/method/backbone"
+            )

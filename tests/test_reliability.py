@@ -1,0 +1,270 @@
+"""Issue 11: bad input fails fast with one `error:` line and exit 2; signals exit non-zero."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from piggyback.train import run, train
+from piggyback.validate import ConfigError, check_channels, check_config, check_task_name
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = (
+    "data=digits/rotated",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+    "+trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+)
+
+
+@pytest.mark.parametrize("name", ["digits_rotated", "Vögel 2", "a-b_c", "鳥"])
+def test_plain_task_names_pass(name):
+    assert check_task_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["/abs/path/x", "a/b", "a.b", "..", "a\\b", "", " x", None])
+def test_task_names_that_are_paths_are_refused(name):
+    with pytest.raises(ConfigError, match=r"^invalid task name .*: use letters, digits"):
+        check_task_name(name)
+
+
+CASES = {
+    "data.task_name=/abs/path/x": "invalid task name '/abs/path/x': use letters, digits, '_', "
+    "'-' and spaces (no dots, path separators or leading/trailing spaces)",
+    "artifact_encoding=zip": "artifact_encoding='zip' is not valid; choose one of bits, rle",
+    "mask.threshold_fn=nonsense": "mask.threshold_fn='nonsense' is not valid; "
+    "choose one of binarizer, ternarizer",
+    "mask.mask_init=zeros": "mask.mask_init='zeros' is not valid; "
+    "choose one of 1s, uniform, weight_based_1s",
+    "mask.grad_rescale=x": "mask.grad_rescale='x' is not valid; "
+    "choose one of none, average, individual",
+    "data.batch_size=0": "data.batch_size must be a positive integer, got 0",
+}
+
+
+@pytest.mark.parametrize("override", list(CASES))
+def test_bad_config_is_refused_before_training(make_cfg, override):
+    cfg = make_cfg(*TINY, override)
+    with pytest.raises(ConfigError) as info:
+        check_config(cfg, [cfg.data])
+    assert str(info.value) == CASES[override]
+
+
+def test_ternary_masks_with_compressed_encoding_are_refused(make_cfg):
+    cfg = make_cfg("mask=ternary", "artifact_encoding=rle")
+    with pytest.raises(ConfigError, match=r"^artifact_encoding=rle stores binary masks only"):
+        check_config(cfg, list(cfg.data.tasks.values()))
+
+
+def test_existing_artifact_is_refused_before_training(make_cfg):
+    cfg = make_cfg(*TINY)
+    folder = Path(cfg.paths.output_dir) / "artifacts"
+    folder.mkdir(parents=True)
+    (folder / "digits_rotated.safetensors").write_bytes(b"old")
+    with pytest.raises(ConfigError, match=r"digits_rotated.safetensors already exists"):
+        train(cfg)
+    assert not (Path(cfg.paths.output_dir) / "checkpoints").exists()  # nothing trained
+
+
+def test_three_channel_backbone_on_one_channel_data_is_named():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    with pytest.raises(ConfigError) as info:
+        check_channels(net, 1)
+    assert str(info.value) == (
+        "the backbone's first conv expects 3 input channels but the data has 1; "
+        "pick a matching backbone or data transform"
+    )
+    check_channels(net, 3)
+
+
+def test_wrong_num_classes_exits_2_with_one_line(make_cfg, capsys):
+    cfg = make_cfg(*TINY, "data.num_classes=7", "logger=none")
+    with pytest.raises(SystemExit) as info:
+        run(cfg)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "error: task 'digits_rotated': config says num_classes=7 but digits variant 'rotated' "
+        "has 10 classes. Fix the dataset or set data.num_classes=10."
+    ]
+
+
+def test_logger_none_with_default_callbacks_trains(make_cfg):
+    cfg = make_cfg(*TINY, "logger=none", "callbacks=default")
+    assert "test/acc" in train(cfg)
+
+
+def test_rerun_into_same_folder_keeps_earlier_csv_logs(make_cfg):
+    cfg = make_cfg(*TINY, "logger=csv", "callbacks=none", "overwrite_artifacts=true")
+    train(cfg)
+    first = Path(cfg.paths.output_dir) / "csv" / "digits_rotated" / "metrics.csv"
+    before = first.read_bytes()
+    train(cfg)
+    assert first.read_bytes() == before
+    assert (first.parents[1] / "digits_rotated_v1" / "metrics.csv").exists()
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PIGGYBACK_CACHE": str(cache),
+        "PYTHONPATH": str(REPO / "src"),
+        "WANDB_MODE": "offline",
+    }
+
+
+def test_cli_user_errors_print_one_line_and_exit_2(tmp_path, demo_cache):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *TINY, "data.task_name=a.b"]
+        + [f"hydra.run.dir={tmp_path}/run"],
+        cwd=tmp_path,
+        env=_env(demo_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    lines = [x for x in result.stderr.splitlines() if x.strip()]
+    assert lines[-1].startswith("error: invalid task name 'a.b'")
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_saves_checkpoint_and_exits_143(tmp_path, demo_cache):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), "data=digits/rotated", "trainer.max_epochs=500"]
+        + ["trainer.enable_progress_bar=false", "logger=none", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=_env(demo_cache),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ckpt = run_dir / "checkpoints" / "digits_rotated" / "epoch000.ckpt"
+    deadline = time.monotonic() + 240
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    last = run_dir / "checkpoints" / "digits_rotated" / "last.ckpt"
+    assert last.exists()
+    assert err.strip().splitlines()[-1] == (
+        f"error: interrupted by SIGTERM; checkpoint saved to {last}; resume with: "
+        f"python train.py <same overrides> resume={last}"
+    )
+    assert "Traceback" not in err
+
+
+def _bad_version_file(path: Path) -> Path:
+    from piggyback.masks.artifact import ARTIFACT_FORMAT, write_checked_file
+
+    return write_checked_file(
+        path, {"x": torch.zeros(1)}, {}, file_format=ARTIFACT_FORMAT, version="v2x"
+    )
+
+
+def test_artifact_with_non_numeric_version_is_an_artifact_error(tmp_path):
+    from piggyback.masks import ArtifactError, load_artifact
+
+    path = _bad_version_file(tmp_path / "t.safetensors")
+    with pytest.raises(ArtifactError) as info:
+        load_artifact(path)
+    assert str(info.value) == (f"{path} has a damaged header: version 'v2x' is not a number")
+
+
+def test_evaluate_on_artifact_with_non_numeric_version_exits_2(make_cfg, tmp_path, capsys):
+    from piggyback.evaluate import run as evaluate_run
+
+    path = _bad_version_file(tmp_path / "a" / "artifacts" / "t.safetensors")
+    cfg = make_cfg(f"artifacts={path}", config_name="eval")
+    with pytest.raises(SystemExit) as info:
+        evaluate_run(cfg)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {path} has a damaged header: version 'v2x' is not a number"
+    ]
+
+
+def test_every_written_file_gets_the_umask_mode(tmp_path):
+    from piggyback.atomic import atomic_write_text
+
+    path = _bad_version_file(tmp_path / "t.safetensors")
+    mode = 0o666 & ~_current_umask()
+    assert path.stat().st_mode & 0o777 == mode
+    text = atomic_write_text(tmp_path / "r.json", "{}")
+    assert text.stat().st_mode & 0o777 == mode
+    with pytest.raises(FileExistsError):
+        atomic_write_text(text, "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.safetensors"]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_resume_from_another_task_method_or_an_artifact_is_refused(tmp_path):
+    from piggyback.validate import check_resume
+
+    ckpt = tmp_path / "last.ckpt"
+    hp = {"task": "digits_rotated", "method": "piggyback", "backbone": {"name": "small_cnn"}}
+    torch.save({"state_dict": {}, "hyper_parameters": hp}, ckpt)
+    check_resume(ckpt, "digits_rotated", "piggyback", "small_cnn")
+    with pytest.raises(ConfigError) as info:
+        check_resume(ckpt, "digits_mod3", "piggyback", "small_cnn")
+    assert str(info.value) == (
+        f"resume={ckpt} is a checkpoint of task 'digits_rotated', but this run is task "
+        "'digits_mod3'; resume with the same data/method/backbone"
+    )
+    with pytest.raises(ConfigError, match=r"of method 'piggyback', but this run is method"):
+        check_resume(ckpt, "digits_rotated", "finetune", "small_cnn")
+    artifact = tmp_path / "t.safetensors"
+    artifact.write_bytes(b"x")
+    with pytest.raises(ConfigError) as info:
+        check_resume(artifact, "digits_rotated", "piggyback", "small_cnn")
+    assert str(info.value) == (
+        f"resume={artifact} is a task artifact, not a training checkpoint; "
+        "resume from checkpoints/<task>/last.ckpt of the killed run"
+    )
+    bare = tmp_path / "bare.pt"
+    torch.save(torch.zeros(2), bare)
+    with pytest.raises(ConfigError, match=r"is not a piggyback training checkpoint"):
+        check_resume(bare, "digits_rotated", "piggyback", "small_cnn")
+
+
+@pytest.mark.xfail(reason="RNG state is restored but masks still differ; cause not found yet")
+def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path):
+    from piggyback.masks import load_artifact
+
+    args = (*TINY[:1], "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")
+    args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
+    args += ("logger=none", "callbacks=default", "method.scheduler.step_size=1")
+
+    def run_to(epochs: int, out: str, *extra: str):
+        cfg = make_cfg(*args, f"trainer.max_epochs={epochs}", *extra)
+        cfg.paths.output_dir = str(tmp_path / out)
+        train(cfg)
+        return Path(cfg.paths.output_dir)
+
+    full = run_to(3, "full")
+    killed = run_to(1, "killed")
+    # the epoch-end checkpoint (see report: ModelCheckpoint(save_last) leaves no last.ckpt here)
+    last = killed / "checkpoints" / "digits_rotated" / "epoch000.ckpt"
+    resumed = run_to(3, "resumed", f"resume={last}")
+    a = load_artifact(full / "artifacts" / "digits_rotated.safetensors")
+    b = load_artifact(resumed / "artifacts" / "digits_rotated.safetensors")
+    assert a.masks.keys() == b.masks.keys() and a.masks
+    assert all(torch.equal(a.masks[k].data, b.masks[k].data) for k in a.masks)
+    assert a.head.keys() == b.head.keys()
+    assert all(torch.equal(a.head[k], b.head[k]) for k in a.head)
