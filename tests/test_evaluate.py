@@ -234,3 +234,27 @@ def test_user_errors_exit_2_with_a_message(make_cfg, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="python train.py"):
         find_artifact_files(tmp_path / "empty")
+
+
+def test_best_by_val_picks_one_run_per_task_by_validation_not_test(runs, make_cfg, tmp_path):
+    """An LR sweep: three runs of one task; the best val/acc wins even with the worst test."""
+    src = load_artifact(next((runs / "1_method=classifier_only" / "artifacts").glob("*")))
+    sweep = tmp_path / "multirun"
+    for job, (val, test) in enumerate([(0.5, 0.9), (0.8, 0.1), (0.7, 0.95)]):
+        artifact = copy.deepcopy(src)
+        artifact.metrics = {**artifact.metrics, "val/acc": val, "test/acc": test}
+        save_artifact(artifact, sweep / f"{job}_lr={job}" / "artifacts" / f"{src.task}.safetensors")
+    entries, notes = load_entries(sweep)
+    assert len(entries) == 3  # without selection every run is its own column
+    entries, notes = load_entries(sweep, best_by_val=True)
+    assert [e.run for e in entries] == ["1_lr=1"]
+    assert entries[0].label == "classifier_only"
+    assert "val/acc=0.8000 best of 3 runs" == entries[0].selection
+    assert len(notes) == 1 and "selected run 1_lr=1" in notes[0]
+
+    cfg = _eval_cfg(make_cfg, f"artifacts={sweep}", "best_by_val=true", "limit_test_batches=1")
+    result = evaluate(cfg)
+    (row,) = result["rows"]
+    assert row["run"] == "1_lr=1" and row["selection"].startswith("val/acc=0.8000")
+    assert any("selected run 1_lr=1" in n for n in result["notes"])
+    assert "selected run 1_lr=1" in (Path(cfg.paths.output_dir) / "results.md").read_text()

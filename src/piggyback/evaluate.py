@@ -16,13 +16,9 @@ measured at training time (stored in the artifact) is reported instead and flagg
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import logging
-import math
 import os
-import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,8 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchmetrics import SumMetric
+from torchmetrics.classification import MulticlassAccuracy
 
 from piggyback.backbones import build_backbone
 from piggyback.instantiate import build
@@ -39,6 +38,19 @@ from piggyback.masks.artifact import ArtifactError, TaskArtifact, load_artifact
 from piggyback.masks.stats import total_sparsity
 from piggyback.metrics import decathlon_domain_scores, decathlon_score, is_decathlon_task
 from piggyback.multitask import MultiTaskModel, save_bundle
+from piggyback.report import (
+    SOURCE_NONE,
+    SOURCE_STORED,
+    SOURCE_TEST,
+    TABLE_COLUMNS,
+    comparison,
+    format_comparison,
+    format_report,
+    log_to_loggers,
+    method_key,
+    safe_name,
+    write_csv,
+)
 from piggyback.train import CONF_DIR, USER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -51,26 +63,6 @@ __all__ = [
     "newest_run_artifacts",
     "run",
 ]
-
-METHOD_ORDER = ("classifier_only", "finetune", "piggyback")  # the paper's column order
-TABLE_COLUMNS = (
-    "task",
-    "method",
-    "top1_pct",
-    "top5_pct",
-    "masked_off_pct",
-    "task_bytes",
-    "bits_per_masked_weight",
-    "source",
-    "n_test",
-    "backbone",
-    "decathlon_points",
-    "note",
-    "artifact",
-)
-SOURCE_TEST = "test split"
-SOURCE_STORED = "stored"
-SOURCE_NONE = "missing"
 
 
 # ------------------------------------------------------------------------- finding artifacts
@@ -149,6 +141,7 @@ class Entry:
     artifact: TaskArtifact
     run: str
     label: str = ""
+    selection: str = ""  # why this run was chosen over others (best_by_val), else empty
 
 
 def _run_name(path: Path, roots: Sequence[Path]) -> str:
@@ -197,10 +190,48 @@ def _assign_labels(entries: list[Entry]) -> None:
         seen[key] = e.path
 
 
-def load_entries(
-    paths: str | os.PathLike | Iterable[str | os.PathLike], *, latest_only: bool = False
+def select_best_by_val(
+    entries: list[Entry], metric: str = "val/acc"
 ) -> tuple[list[Entry], list[str]]:
-    """Load and label every artifact; ``latest_only`` keeps the newest per method/backbone/task.
+    """One run per method/backbone/task: the highest ``metric`` stored at training time.
+
+    For a learning-rate sweep (a multirun folder): runs are compared on the validation split
+    only, never on test, so the reported test accuracy stays an unbiased estimate. Runs that
+    stored no ``metric`` cannot be ranked; they are kept only when no run of the group has it.
+    """
+    groups: dict[tuple[str, str, str], list[Entry]] = defaultdict(list)
+    for e in entries:
+        groups[(e.artifact.method, e.artifact.backbone, e.artifact.task)].append(e)
+    keep: set[int] = set()
+    notes: list[str] = []
+    for (method, _, task), group in groups.items():
+        ranked = [e for e in group if isinstance(e.artifact.metrics.get(metric), int | float)]
+        if len(group) == 1 or not ranked:
+            keep.update(id(e) for e in group)
+            if len(group) > 1:
+                notes.append(f"best_by_val: no {metric} stored for {method}/{task}; kept all runs")
+            continue
+        best = max(ranked, key=lambda e: (e.artifact.metrics[metric], e.run))
+        others = ", ".join(
+            f"{e.run} ({e.artifact.metrics.get(metric, '-')})" for e in group if e is not best
+        )
+        best.selection = f"{metric}={best.artifact.metrics[metric]:.4f} best of {len(group)} runs"
+        notes.append(
+            f"best_by_val: {method}/{task}: selected run {best.run} "
+            f"({metric} {best.artifact.metrics[metric]:.4f}) over {others}"
+        )
+        keep.add(id(best))
+    return [e for e in entries if id(e) in keep], notes
+
+
+def load_entries(
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    latest_only: bool = False,
+    best_by_val: bool = False,
+) -> tuple[list[Entry], list[str]]:
+    """Load and label every artifact; ``latest_only`` keeps the newest per method/backbone/task,
+    ``best_by_val`` the one with the best stored validation accuracy (a sweep's selection).
 
     Returns the entries and notes about anything left out (never silently).
     """
@@ -219,6 +250,9 @@ def load_entries(
             for e in entries
             if newest[(e.artifact.method, e.artifact.backbone, e.artifact.task)] is e
         ]
+    if best_by_val:
+        entries, selected = select_best_by_val(entries)
+        notes += selected
     # A run writes its artifacts as it finishes each task, so file times give the training
     # order (the stored config cannot: its JSON keys are sorted).
     entries.sort(key=lambda e: (e.path.stat().st_mtime, str(e.path)))
@@ -331,25 +365,61 @@ def _test_loader(artifact: TaskArtifact, cfg: DictConfig) -> tuple[Any, str]:
     return None, why
 
 
-@torch.no_grad()
+class TaskTester(L.LightningModule):
+    """Tests one task of a multi-task model under ``Trainer.test``: top-1 and top-5 accuracy.
+
+    Evaluation runs the deployed :class:`MultiTaskModel`, not a training module; this wrapper
+    only switches it to the task and feeds torchmetrics (top-k capped at the number of
+    classes, as in training), so devices, precision and batch limits are Lightning's job.
+    """
+
+    def __init__(self, model: MultiTaskModel, task: str, num_classes: int) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.count = SumMetric()
+
+    def on_test_start(self) -> None:
+        self.model.set_task(self.task)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch[0], batch[1]
+        logits = self.model(x)
+        self.top1.update(logits, y)
+        self.top5.update(logits, y)
+        self.count.update(torch.tensor(float(len(y)), device=logits.device))
+
+    def on_test_epoch_end(self) -> None:
+        top1, top5, count = self.top1.compute(), self.top5.compute(), self.count.compute()
+        self.results = (float(top1), float(top5), int(count))
+
+
 def _accuracy(
-    model: MultiTaskModel, task: str, loader: Any, device: torch.device, limit: int | None
+    model: MultiTaskModel,
+    task: str,
+    num_classes: int,
+    loader: Any,
+    device: torch.device,
+    limit: int | None,
 ) -> tuple[float, float, int]:
-    """Top-1 and top-5 (top-k capped at the number of classes, as in training) and count."""
-    model.set_task(task)
-    correct1 = correct5 = total = 0
-    for i, batch in enumerate(loader):
-        if limit is not None and i >= limit:
-            break
-        x, y = batch[0].to(device), batch[1].to(device)
-        logits = model(x)
-        k = min(5, logits.shape[1])
-        correct1 += int((logits.argmax(dim=1) == y).sum())
-        correct5 += int((logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum())
-        total += len(y)
-    if total == 0:
+    """(top-1, top-5, number of test samples) of one task through ``Trainer.test``."""
+    tester = TaskTester(model, task, num_classes)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_test_batches=1.0 if limit is None else limit,
+    )
+    trainer.test(tester, dataloaders=loader, verbose=False)
+    top1, top5, n = tester.results
+    if n == 0:
         raise ValueError(f"task {task!r}: the test split is empty")
-    return correct1 / total, correct5 / total, total
+    return top1, top5, n
 
 
 # ------------------------------------------------------------------------- the report
@@ -371,7 +441,7 @@ def _is_decathlon(artifact: TaskArtifact) -> bool:
 
 def _row(e: Entry) -> dict[str, Any]:
     a = e.artifact
-    masked = a.method == "piggyback" and bool(a.masks)
+    masked = bool(a.masks)  # methods that store masks report their sparsity
     return {
         "task": a.task,
         "method": e.label,
@@ -388,6 +458,7 @@ def _row(e: Entry) -> dict[str, Any]:
         "note": "",
         "artifact": str(e.path),
         "run": e.run,
+        "selection": e.selection,
     }
 
 
@@ -401,11 +472,6 @@ def _stored(row: dict[str, Any], artifact: TaskArtifact, why: str) -> None:
     row["top5_pct"] = None if top5 is None else 100.0 * top5
     row["source"] = SOURCE_STORED
     row["note"] = f"{why}; accuracy is the training-time test result stored in the artifact"
-
-
-def _method_key(label: str) -> tuple[int, str]:
-    base = label.split("/")[0].split("@")[0]
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
 
 
 def _summary(label: str, rows: list[dict[str, Any]], storage: dict[str, Any]) -> dict[str, Any]:
@@ -430,191 +496,6 @@ def _summary(label: str, rows: list[dict[str, Any]], storage: dict[str, Any]) ->
     return out
 
 
-def _log_to_loggers(cfg: DictConfig, result: dict[str, Any]) -> None:
-    """Tables to W&B (offline unless configured otherwise), scalars to every logger."""
-    nodes = [n for n in (cfg.get("logger") or {}).values() if n and "_target_" in n]
-    if not nodes:
-        return
-    flat: dict[str, float] = {}
-    for label, s in result["summary"].items():
-        for key in ("mean_top1_pct", "mean_top5_pct", "decathlon_score"):
-            if s[key] is not None:
-                flat[f"eval/{label}/{key}"] = float(s[key])
-        flat[f"eval/{label}/total_bytes"] = float(s["storage"]["total_bytes"])
-    loggers = []
-    try:
-        for node in nodes:
-            fill = {k: "eval" for k in ("name", "version", "job_type") if k in node}
-            loggers.append(build(node, **fill))
-        for logger in loggers:
-            logger.log_metrics(flat)
-            if type(logger).__name__ == "WandbLogger":
-                cols = list(TABLE_COLUMNS)
-                logger.log_table(
-                    key="eval/results",
-                    columns=cols,
-                    data=[[r[c] for c in cols] for r in result["rows"]],
-                )
-                comp = result.get("comparison")
-                if comp:
-                    logger.log_table(
-                        key="eval/comparison",
-                        columns=comp["columns"],
-                        data=[[row.get(c) for c in comp["columns"]] for row in comp["rows"]],
-                    )
-    finally:
-        for logger in loggers:
-            if type(logger).__name__ == "WandbLogger":
-                import wandb
-
-                logger.finalize("success")
-                wandb.finish()
-            else:
-                logger.finalize("success")
-
-
-def _comparison(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The paper's layout: one row per task, one column per method (top-1 %)."""
-    labels = sorted(summary, key=_method_key)
-    if len(labels) < 2:
-        return None
-    tasks = list(dict.fromkeys(r["task"] for r in rows))
-    acc = {(r["task"], r["method"]): r for r in rows}
-    out_rows: list[dict[str, Any]] = []
-    for task in tasks:
-        row: dict[str, Any] = {"task": task}
-        for label in labels:
-            r = acc.get((task, label))
-            row[label] = None if r is None else r["top1_pct"]
-            row[f"{label}:source"] = None if r is None else r["source"]
-        out_rows.append(row)
-    out_rows.append({"task": "mean top-1", **{lb: summary[lb]["mean_top1_pct"] for lb in labels}})
-    if any(summary[lb]["decathlon_score"] is not None for lb in labels):
-        out_rows.append(
-            {"task": "decathlon S", **{lb: summary[lb]["decathlon_score"] for lb in labels}}
-        )
-    out_rows.append(
-        {"task": "total bytes", **{lb: summary[lb]["storage"]["total_bytes"] for lb in labels}}
-    )
-    return {"columns": ["task", *labels], "rows": out_rows}
-
-
-def _fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    for unit, scale in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
-
-
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-
-
-def _markdown(header: list[str], rows: list[list[str]], right: set[int]) -> str:
-    sep = ["---:" if i in right else "---" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def format_report(result: dict[str, Any]) -> str:
-    """The printed / ``results.md`` report: per task, per method, comparison, notes."""
-    rows, summary = result["rows"], result["summary"]
-    marks: list[str] = []
-    dec = any(r["decathlon_points"] is not None for r in rows)
-
-    def source(r: dict[str, Any]) -> str:
-        if r["source"] == SOURCE_TEST:
-            return f"test split (n={r['n_test']})"
-        marks.append(f"- {r['task']} / {r['method']}: {r['note']}")
-        return f"**{r['source']}** [{len(marks)}]"
-
-    header = ["task", "method", "top-1 %", "top-5 %", "masked off %", "task bytes"]
-    header += ["bits/masked weight"] + (["decathlon pts"] if dec else []) + ["source"]
-    body = []
-    for r in rows:
-        line = [
-            r["task"],
-            r["method"],
-            _fmt(r["top1_pct"]),
-            _fmt(r["top5_pct"]),
-            _fmt(r["masked_off_pct"]),
-            _fmt_bytes(r["task_bytes"]),
-            _fmt(r["bits_per_masked_weight"], 3),
-        ]
-        line += [_fmt(r["decathlon_points"], 1)] if dec else []
-        body.append([*line, source(r)])
-    parts = ["### Per task", _markdown(header, body, set(range(2, len(header) - 1)))]
-
-    header = ["method", "backbone", "tasks", "mean top-1 %", "mean top-5 %"]
-    header += (["decathlon S"] if dec else []) + ["multi-task model", "N separate networks"]
-    header += ["x backbone"]
-    body = []
-    for label in sorted(summary, key=_method_key):
-        s, st = summary[label], summary[label]["storage"]
-        tasks = str(s["num_tasks"]) + (
-            "" if s["num_scored"] == s["num_tasks"] else f" ({s['num_scored']} scored)"
-        )
-        line = [label, s["backbone"], tasks, _fmt(s["mean_top1_pct"]), _fmt(s["mean_top5_pct"])]
-        if dec:
-            score = s["decathlon_score"]
-            line.append("-" if score is None else f"{score:.0f} ({s['decathlon_domains']}/10)")
-        line += [
-            f"{_fmt_bytes(st['total_bytes'])} (backbone {_fmt_bytes(st['backbone_bytes'])})",
-            _fmt_bytes(st["separate_networks_bytes"]),
-            f"{st['x_backbone']:.3f}",
-        ]
-        body.append(line)
-    parts += ["### Per method (multi-task model = backbone once + every task)"]
-    parts += [_markdown(header, body, set(range(2, len(header))))]
-
-    comp = result.get("comparison")
-    if comp:
-        parts += ["### Comparison: top-1 % per task and method", format_comparison(comp)]
-    notes = marks + [f"- {n}" for n in result.get("notes", [])]
-    if notes:
-        parts += ["Notes:\n" + "\n".join(notes)]
-    return "\n\n".join(parts)
-
-
-def format_comparison(comp: dict[str, Any]) -> str:
-    labels = comp["columns"][1:]
-    body = []
-    for row in comp["rows"]:
-        line = [row["task"]]
-        for label in labels:
-            value = row.get(label)
-            if row["task"] == "total bytes":
-                line.append(_fmt_bytes(value))
-            elif row["task"] == "decathlon S":
-                line.append("-" if value is None else f"{value:.0f}")
-            else:
-                stored = row.get(f"{label}:source") == SOURCE_STORED
-                line.append(_fmt(value) + ("*" if stored and value is not None else ""))
-        body.append(line)
-    text = _markdown(["task", *labels], body, set(range(1, len(labels) + 1)))
-    if any(r.get(f"{lb}:source") == SOURCE_STORED for r in comp["rows"] for lb in labels):
-        text += "\n\n\\* stored training-time test accuracy (test data could not be rebuilt)"
-    return text
-
-
-def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
-    path.write_text(buffer.getvalue())
-
-
-def _safe_name(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._=-]+", "_", label).strip("_") or "model"
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate every artifact under ``cfg.artifacts``; writes the report into the output dir.
 
@@ -624,7 +505,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    entries, notes = load_entries(cfg.artifacts, latest_only=cfg.get("latest_only", False))
+    entries, notes = load_entries(
+        cfg.artifacts,
+        latest_only=cfg.get("latest_only", False),
+        best_by_val=cfg.get("best_by_val", False),
+    )
     device = _device(str(cfg.get("device", "auto")))
     limit = cfg.get("limit_test_batches")
     fallback = cfg.get("fallback_to_stored", True)
@@ -635,7 +520,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     pristine: dict[str, Any] = {}
-    for label in sorted(groups, key=_method_key):
+    for label in sorted(groups, key=method_key):
         group = groups[label]
         model = _build_model(group, cfg, pristine).to(device)
         group_rows = []
@@ -643,7 +528,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             row = _row(e)
             loader, why = _test_loader(e.artifact, cfg)
             if loader is not None:
-                top1, top5, n = _accuracy(model, e.artifact.task, loader, device, limit)
+                top1, top5, n = _accuracy(
+                    model, e.artifact.task, e.artifact.num_classes, loader, device, limit
+                )
                 row.update(top1_pct=100 * top1, top5_pct=100 * top5, n_test=n, source=SOURCE_TEST)
                 if limit is not None:
                     row["note"] = f"first {limit} test batches only (limit_test_batches)"
@@ -661,7 +548,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         storage = model.storage()
         if cfg.get("save_bundles", False):
             path = save_bundle(
-                model, output_dir / "bundles" / f"{_safe_name(label)}.safetensors", overwrite=True
+                model, output_dir / "bundles" / f"{safe_name(label)}.safetensors", overwrite=True
             )
             storage["bundle_file"] = str(path)
             storage["bundle_file_bytes"] = path.stat().st_size
@@ -673,19 +560,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "artifacts": [str(p) for p in _as_list(cfg.artifacts)],
         "rows": rows,
         "summary": summary,
-        "comparison": _comparison(rows, summary),
+        "comparison": comparison(rows, summary),
         "notes": notes,
         "output_dir": str(output_dir),
     }
     report = format_report(result)
     (output_dir / "results.md").write_text(report + "\n")
     (output_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    _write_csv(output_dir / "results.csv", TABLE_COLUMNS, rows)
+    write_csv(output_dir / "results.csv", TABLE_COLUMNS, rows)
     if result["comparison"]:
         comp = result["comparison"]
         (output_dir / "comparison.md").write_text(format_comparison(comp) + "\n")
-        _write_csv(output_dir / "comparison.csv", comp["columns"], comp["rows"])
-    _log_to_loggers(cfg, result)
+        write_csv(output_dir / "comparison.csv", comp["columns"], comp["rows"])
+    log_to_loggers(cfg, result)
     if cfg.get("print_table", True):
         print(report, flush=True)
     return result
