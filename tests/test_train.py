@@ -73,8 +73,8 @@ def test_sequence_writes_artifacts_metrics_and_table(make_cfg, capsys):
     assert metrics["digits_mod3/test/acc"] == summary["tasks"]["digits_mod3"]["test/acc"]
     table = capsys.readouterr().out
     assert "digits_inverted" in table and "masked off" in table
-    # each task logs to its own CSV version folder
-    assert sorted(p.name for p in (out / "csv").iterdir()) == sorted(summary["tasks"])
+    # each task logs to its own CSV version folder, the continual-learning summary to "cl"
+    assert sorted(p.name for p in (out / "csv").iterdir()) == sorted([*summary["tasks"], "cl"])
     # the artifacts carry the resolved config and the class names
     artifact = load_artifact(out / "artifacts" / "digits_mod3.safetensors")
     assert artifact.class_names == ["0", "1", "2"] and artifact.num_classes == 3

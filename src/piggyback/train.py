@@ -239,6 +239,8 @@ def continual_learning(
         task_bytes=[r.get("task_bytes") for r in records],
         train_seconds=[r.get("train_seconds") for r in records],
     )
+    if len(tasks) < 2:  # one task: nothing beyond its own run to log
+        return summary
     loggers = _loggers(cfg, "cl")
     scalars = {
         f"cl/{k}": float(summary[k])
