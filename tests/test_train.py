@@ -136,6 +136,29 @@ def test_multirun_over_two_demo_tasks_writes_two_artifacts(tmp_path, demo_cache)
     assert len(list((tmp_path / "sweep").rglob("metrics.json"))) == 2
 
 
+def test_a_failing_multirun_job_does_not_stop_its_siblings(tmp_path, demo_cache):
+    """joblib launcher, two jobs at once: the one with a missing dataset is reported with
+    its overrides; the healthy one still writes its artifact."""
+    result = _cli(
+        "-m",
+        "hydra/launcher=parallel",
+        "data=digits/rotated,finegrained/cubs",
+        f"paths.data_dir={tmp_path}/nowhere",
+        *TINY,
+        "logger=none",
+        "callbacks=none",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+        cache=demo_cache,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "error: job 1 (data=finegrained/cubs," in result.stderr
+    assert "the other jobs go on" in result.stderr and "Traceback" not in result.stderr
+    artifacts = [p.name for p in (tmp_path / "sweep").rglob("artifacts/*.safetensors")]
+    assert artifacts == ["digits_rotated.safetensors"]
+
+
 def test_missing_dataset_is_a_clear_error_with_exit_code_2(tmp_path, demo_cache):
     result = _cli(
         "data=finegrained/cubs",

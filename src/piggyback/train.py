@@ -323,18 +323,42 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _multirun_job() -> str | None:
+    """``job N (overrides)`` inside a Hydra multirun, else None."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except (ImportError, ValueError):  # not under @hydra.main (tests call train directly)
+        return None
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    return f"job {hydra_cfg.job.num} ({','.join(hydra_cfg.overrides.task)})"
+
+
+def _user_error(exc: BaseException) -> None:
+    """One line and exit 2; in a multirun, the job's overrides and no exit, so the sibling
+    jobs of a sweep still run (the basic and joblib launchers stop at a job's exception)."""
+    job = _multirun_job()
+    if job is None:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"error: {job} failed, the other jobs go on: {exc}", file=sys.stderr, flush=True)
+
+
 def run(cfg: DictConfig) -> float | None:
     """Hydra job body: train, then hand the sweeper its metric. Known user errors exit 2."""
     try:
         metrics = train(cfg)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _user_error(exc)
+        return None
     except InstantiationException as exc:  # Hydra wraps errors raised in a constructor
         if not isinstance(exc.__cause__, USER_ERRORS):
             raise
-        print(f"error: {exc.__cause__}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _user_error(exc.__cause__)
+        return None
     except SIGTERMException:
         exc = Interrupted(143, Path(cfg.paths.output_dir) / "checkpoints")
         _report_interrupt(cfg, exc)
