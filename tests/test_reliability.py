@@ -243,28 +243,26 @@ def test_resume_from_another_task_method_or_an_artifact_is_refused(tmp_path):
         check_resume(bare, "digits_rotated", "piggyback", "small_cnn")
 
 
-@pytest.mark.xfail(reason="RNG state is restored but masks still differ; cause not found yet")
 def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path):
-    from piggyback.masks import load_artifact
-
+    """Case 7: data order, RNG, optimizer and scheduler state all carry over last.ckpt."""
     args = (*TINY[:1], "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")
     args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
-    args += ("logger=none", "callbacks=default", "method.scheduler.step_size=1")
+    args += ("logger=none", "callbacks=default", "method.scheduler.step_size=2")
 
-    def run_to(epochs: int, out: str, *extra: str):
+    def run_to(epochs: int, out: str, *extra: str) -> Path:
         cfg = make_cfg(*args, f"trainer.max_epochs={epochs}", *extra)
         cfg.paths.output_dir = str(tmp_path / out)
         train(cfg)
-        return Path(cfg.paths.output_dir)
+        return Path(cfg.paths.output_dir) / "checkpoints" / "digits_rotated" / "last.ckpt"
 
     full = run_to(3, "full")
     killed = run_to(1, "killed")
-    # the epoch-end checkpoint (see report: ModelCheckpoint(save_last) leaves no last.ckpt here)
-    last = killed / "checkpoints" / "digits_rotated" / "epoch000.ckpt"
-    resumed = run_to(3, "resumed", f"resume={last}")
-    a = load_artifact(full / "artifacts" / "digits_rotated.safetensors")
-    b = load_artifact(resumed / "artifacts" / "digits_rotated.safetensors")
-    assert a.masks.keys() == b.masks.keys() and a.masks
-    assert all(torch.equal(a.masks[k].data, b.masks[k].data) for k in a.masks)
-    assert a.head.keys() == b.head.keys()
-    assert all(torch.equal(a.head[k], b.head[k]) for k in a.head)
+    resumed = run_to(3, "resumed", f"resume={killed}")
+    a = torch.load(full, weights_only=False)["state_dict"]
+    b = torch.load(resumed, weights_only=False)["state_dict"]
+    assert a.keys() == b.keys()
+    learned = [k for k in a if "mask_real" in k or k.startswith("heads.")]
+    assert learned and any("mask_real" in k for k in learned)
+    start = torch.load(killed, weights_only=False)["state_dict"]
+    assert not all(torch.equal(start[k], a[k]) for k in learned)  # epochs 2-3 changed them
+    assert all(torch.equal(a[k], b[k]) for k in a)

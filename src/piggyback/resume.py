@@ -1,19 +1,38 @@
-"""Exact resume: carry the RNG state through ``last.ckpt``.
+"""Exact resume: carry the RNG state through ``last.ckpt``, and keep ``last.ckpt`` on disk.
 
 Lightning's checkpoint restores weights, optimizer, scheduler and loop counters, but not the
-global RNGs that draw the next epoch's shuffle order (``RandomSampler``) and any random
-augmentation. Without them a resumed run sees a different data order than the uninterrupted
-run with the same seed and ends with different masks.
+global RNGs that random augmentation in the main process draws from (the shuffle order is a
+function of seed and epoch, see ``piggyback.data.sampler``). Resuming from the epoch-end
+``last.ckpt`` reproduces the uninterrupted run bit for bit when the loaders run in the main
+process (``num_workers=0``); worker processes keep RNG streams no checkpoint can hold, so with
+random augmentation in workers the resumed run sees the same images in the same order but
+different crops. A checkpoint written mid-epoch by a signal restarts that epoch's order.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+
+
+class InterruptCheckpoint(L.pytorch.callbacks.OnExceptionCheckpoint):
+    """Writes ``last.ckpt`` when training stops on an exception or signal, and leaves it there.
+
+    Lightning's ``OnExceptionCheckpoint`` deletes its file at teardown, which with the name
+    ``last`` also deleted the epoch-end ``last.ckpt`` (``callbacks.last_checkpoint``) at the
+    end of every normal run.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        super().__init__(str(dirpath), "last")
+
+    def teardown(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        """Keep the file: it is the resume point (or ``ModelCheckpoint``'s ``last.ckpt``)."""
 
 
 class RNGStateCheckpoint(L.Callback):

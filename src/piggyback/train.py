@@ -27,7 +27,7 @@ from piggyback.data.base import DataError, TaskDataModule
 from piggyback.instantiate import build, build_all, to_dict
 from piggyback.masks.artifact import ArtifactError, save_artifact
 from piggyback.module import PiggybackModule
-from piggyback.resume import RNGStateCheckpoint
+from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
 from piggyback.validate import ConfigError, check_channels, check_config, check_resume
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def train_task(
     ckpt_dir = output_dir / "checkpoints" / task
     callbacks = _callbacks(cfg, task, has_logger=bool(loggers))
     callbacks.append(RNGStateCheckpoint())  # before the exception checkpoint saves its state
-    callbacks.append(L.pytorch.callbacks.OnExceptionCheckpoint(str(ckpt_dir), "last"))
+    callbacks.append(InterruptCheckpoint(ckpt_dir))
     trainer: L.Trainer = build(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     train_seconds = None
     try:

@@ -10,7 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
+
+from piggyback.data.sampler import EpochSeededSampler, loader_generator
 
 
 class DataError(ValueError):
@@ -30,6 +33,7 @@ class TaskDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = True,
         prefetch_factor: int | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -43,6 +47,9 @@ class TaskDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
+        # The training order is a function of (shuffle_seed, epoch); by default the run's seed,
+        # which ``seed_everything`` made torch's initial seed.
+        self.shuffle_seed = torch.initial_seed() if shuffle_seed is None else int(shuffle_seed)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -62,7 +69,8 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochSeededSampler(dataset, self.shuffle_seed) if train else None,
+            generator=loader_generator(self.shuffle_seed),
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
