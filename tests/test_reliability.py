@@ -266,3 +266,40 @@ def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path):
     start = torch.load(killed, weights_only=False)["state_dict"]
     assert not all(torch.equal(start[k], a[k]) for k in learned)  # epochs 2-3 changed them
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_refused_rerun_keeps_the_earlier_runs_hydra_config(tmp_path, demo_cache):
+    """Case 5: Hydra writes .hydra/ before the job starts; a rerun gets .hydra_v1/ instead."""
+    run_dir = tmp_path / "run"
+    (run_dir / ".hydra").mkdir(parents=True)
+    earlier = run_dir / ".hydra" / "config.yaml"
+    earlier.write_text("seed: 1\n")
+    artifact = run_dir / "artifacts" / "digits_rotated.safetensors"
+    artifact.parent.mkdir()
+    artifact.write_bytes(b"an earlier run's artifact")
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *TINY, f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env=_env(demo_cache),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {artifact} already exists; pick another output folder (hydra.run.dir=...) "
+        "or set overwrite_artifacts=true"
+    )
+    assert earlier.read_text() == "seed: 1\n"
+    assert artifact.read_bytes() == b"an earlier run's artifact"
+    assert (run_dir / ".hydra_v1" / "config.yaml").exists()
+
+
+def test_fresh_subdir_never_reuses_a_folder(tmp_path):
+    from piggyback.resolvers import fresh_subdir
+
+    assert fresh_subdir(str(tmp_path), ".hydra") == ".hydra"
+    (tmp_path / ".hydra").mkdir()
+    assert fresh_subdir(str(tmp_path), ".hydra") == ".hydra_v1"
+    (tmp_path / ".hydra_v1").mkdir()
+    assert fresh_subdir(str(tmp_path), ".hydra") == ".hydra_v2"

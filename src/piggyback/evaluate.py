@@ -590,6 +590,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main() -> None:
     import hydra
 
+    from piggyback.resolvers import register_resolvers
+
+    register_resolvers()
+
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
     def _main(cfg: DictConfig) -> None:
         run(cfg)

@@ -27,6 +27,7 @@ from piggyback.data.base import DataError, TaskDataModule
 from piggyback.instantiate import build, build_all, to_dict
 from piggyback.masks.artifact import ArtifactError, save_artifact
 from piggyback.module import PiggybackModule
+from piggyback.resolvers import register_resolvers
 from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
 from piggyback.validate import ConfigError, check_channels, check_config, check_resume
 
@@ -368,17 +369,6 @@ def run(cfg: DictConfig) -> float | None:
     return None if value is None else float(value)
 
 
-def job_dirname(overrides: str, limit: int = 120) -> str:
-    """A multirun job's folder name from its overrides: one path component (no ``/`` from
-    path values), short enough for any file system (long ones end in a digest)."""
-    import hashlib
-
-    name = overrides.replace("/", "_")
-    if len(name) <= limit:
-        return name
-    return f"{name[: limit - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
-
-
 def _report_interrupt(cfg: DictConfig, exc: Interrupted) -> None:
     """One line saying what was saved and how to continue, then the shell's signal exit code."""
     name = "SIGTERM" if exc.code == 143 else "SIGINT"
@@ -393,10 +383,8 @@ def _report_interrupt(cfg: DictConfig, exc: Interrupted) -> None:
 
 def main() -> float | None:
     import hydra
-    from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("pb_dirname"):
-        OmegaConf.register_new_resolver("pb_dirname", job_dirname)
+    register_resolvers()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
     def _main(cfg: DictConfig) -> float | None:
