@@ -370,7 +370,7 @@ def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
     module.to(device)
     n_weights = sum(m.numel() for m in get_masks(module.backbone).values())
 
-    artifacts = {enc: module.export_task("a", encoding=enc) for enc in ("bits", "rle")}
+    artifacts = {enc: module.export_task("a", encoding=enc) for enc in ("bits", "rice")}
     expected = {k: v.cpu() for k, v in get_masks(module.backbone).items()}
     order = iter(("b", "a") * (args.switches + 2))
     times = interleaved(
@@ -390,7 +390,7 @@ def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
     for key, detail in (
         ("set_task", "PiggybackModule.set_task: re-packs the outgoing task, unpacks the new one"),
         ("apply_artifact[bits]", "unpack 1-bit masks + load, precomputed fingerprint"),
-        ("apply_artifact[rle]", "decode rle masks + load, precomputed fingerprint"),
+        ("apply_artifact[rice]", "decode rice masks + load, precomputed fingerprint"),
     ):
         emit(
             f"resnet50_switch[{key}] / 100ms",
@@ -400,7 +400,7 @@ def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
             f"weights; {detail}",
         )
 
-    # Artifact size: ResNet-50 task "a", realistic mask, raw 1-bit vs rle, files on disk.
+    # Artifact size: ResNet-50 task "a", realistic mask, raw 1-bit vs rice, files on disk.
     with tempfile.TemporaryDirectory() as tmp:
         sizes, lossless = {}, True
         for enc, art in artifacts.items():
@@ -408,7 +408,7 @@ def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
             sizes[enc] = os.path.getsize(path)
             decoded = load_artifact(path).unpacked_masks()
             lossless &= all(torch.equal(decoded[n], expected[n]) for n in expected)
-    raw, rle = artifacts["bits"], artifacts["rle"]
+    raw, rice = artifacts["bits"], artifacts["rice"]
     emit(
         "raw_mask_bits / masked_weight",
         raw.bits_per_masked_weight(),
@@ -418,9 +418,9 @@ def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
     )
     emit(
         "rle_mask_bits / masked_weight",
-        rle.bits_per_masked_weight(),
+        rice.bits_per_masked_weight(),
         "target <= 0.50 at >= 90% ones",
-        f"{mib(rle.mask_bytes())} masks; file {mib(sizes['rle'])} vs {mib(sizes['bits'])} raw "
+        f"{mib(rice.mask_bytes())} masks; file {mib(sizes['rice'])} vs {mib(sizes['bits'])} raw "
         f"(head included); lossless after save/load: {lossless}",
     )
 

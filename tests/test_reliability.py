@@ -40,7 +40,7 @@ def test_task_names_that_are_paths_are_refused(name):
 CASES = {
     "data.task_name=/abs/path/x": "invalid task name '/abs/path/x': use letters, digits, '_', "
     "'-' and spaces (no dots, path separators or leading/trailing spaces)",
-    "artifact_encoding=zip": "artifact_encoding='zip' is not valid; choose one of bits, rle",
+    "artifact_encoding=zip": "artifact_encoding='zip' is not valid; choose one of bits, rice",
     "mask.threshold_fn=nonsense": "mask.threshold_fn='nonsense' is not valid; "
     "choose one of binarizer, ternarizer",
     "mask.mask_init=zeros": "mask.mask_init='zeros' is not valid; "
@@ -60,8 +60,8 @@ def test_bad_config_is_refused_before_training(make_cfg, override):
 
 
 def test_ternary_masks_with_compressed_encoding_are_refused(make_cfg):
-    cfg = make_cfg("mask=ternary", "artifact_encoding=rle")
-    with pytest.raises(ConfigError, match=r"^artifact_encoding=rle stores binary masks only"):
+    cfg = make_cfg("mask=ternary", "artifact_encoding=rice")
+    with pytest.raises(ConfigError, match=r"^artifact_encoding=rice stores binary masks only"):
         check_config(cfg, list(cfg.data.tasks.values()))
 
 

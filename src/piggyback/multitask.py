@@ -10,7 +10,7 @@ mixed request list by task so each task is switched to once.
 A *bundle* (``save_bundle``/``load_bundle``) is one safetensors file (never pickle) holding
 the backbone weights once and every task, so a deployment needs a single file and no
 download. Sizes: a piggyback task adds its packed masks (1 bit per masked weight, or less
-with the ``rle`` encoding) + head (+ BN state when trained); a ``classifier_only`` task adds
+with the ``rice`` encoding) + head (+ BN state when trained); a ``classifier_only`` task adds
 its head only; a ``finetune`` task has no mask to apply, so it is stored and run as its own
 complete network: it adds the *full* backbone weights (float32, as large as the backbone
 itself, e.g. ~94 MB for ResNet-50) and, once loaded, a full network's memory.

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from piggyback.masks.artifact import MASK_ENCODINGS, canonical_encoding
 from piggyback.nn import GRAD_RESCALES, MASK_INITS, THRESHOLD_FNS
 
-ENCODINGS = ("bits", "rle")
 # Letters (any script), digits, "_", "-" and spaces; no dots, separators or "..".
 _TASK_NAME = re.compile(r"^[^\W][\w\- ]*$")
 
@@ -41,14 +41,17 @@ def _choice(cfg: DictConfig, key: str, value: object, allowed: tuple[str, ...]) 
 def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
     """Every check that needs only the config; raises ``ConfigError`` on the first problem."""
     encoding = cfg.get("artifact_encoding", "bits")
-    _choice(cfg, "artifact_encoding", encoding, ENCODINGS)
+    try:
+        encoding = canonical_encoding(encoding)
+    except ValueError:
+        _choice(cfg, "artifact_encoding", encoding, MASK_ENCODINGS)
     mask = cfg.get("mask") or {}
     _choice(cfg, "mask.threshold_fn", mask.get("threshold_fn", "binarizer"), THRESHOLD_FNS)
     _choice(cfg, "mask.mask_init", mask.get("mask_init", "1s"), MASK_INITS)
     _choice(cfg, "mask.grad_rescale", mask.get("grad_rescale", "none"), GRAD_RESCALES)
-    if encoding == "rle" and mask.get("threshold_fn") == "ternarizer":
+    if encoding == "rice" and mask.get("threshold_fn") == "ternarizer":
         raise ConfigError(
-            "artifact_encoding=rle stores binary masks only; use artifact_encoding=bits "
+            "artifact_encoding=rice stores binary masks only; use artifact_encoding=bits "
             "with mask.threshold_fn=ternarizer"
         )
     from piggyback.instantiate import to_dict

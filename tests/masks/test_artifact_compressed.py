@@ -1,4 +1,4 @@
-"""Compressed ('rle') task artifacts: lossless, under half a bit per weight, raw still read."""
+"""Compressed ('rice') task artifacts: lossless, under half a bit per weight, raw still read."""
 
 from __future__ import annotations
 
@@ -74,9 +74,9 @@ def test_rle_round_trip_gives_bit_identical_predictions(task, tmp_path):
     backbone, head = task
     x = torch.randn(2, 3, 64, 64)
     expected = _predict(backbone, head, x)
-    path = save_artifact(_export(backbone, head, "rle"), tmp_path / "t.safetensors")
+    path = save_artifact(_export(backbone, head, "rice"), tmp_path / "t.safetensors")
     loaded = load_artifact(path)
-    assert {m.encoding for m in loaded.masks.values()} == {"rle"}
+    assert {m.encoding for m in loaded.masks.values()} == {"rice"}
     fresh, _ = _backbone()  # same pretrained weights, masks back to all ones
     reset_masks(fresh)
     assert not torch.equal(_predict(fresh, head, x), expected)
@@ -90,15 +90,15 @@ def test_rle_round_trip_gives_bit_identical_predictions(task, tmp_path):
 def test_rle_is_smaller_than_raw_and_under_half_a_bit(task, tmp_path):
     backbone, head = task
     sizes = {}
-    for encoding in ("bits", "rle"):
+    for encoding in ("bits", "rice"):
         artifact = _export(backbone, head, encoding)
         sizes[encoding] = (
             artifact.bits_per_masked_weight(),
             os.path.getsize(save_artifact(artifact, tmp_path / f"{encoding}.safetensors")),
         )
     assert sizes["bits"][0] == pytest.approx(1.0, abs=1e-3)
-    assert sizes["rle"][0] <= 0.5
-    assert sizes["rle"][1] < sizes["bits"][1]
+    assert sizes["rice"][0] <= 0.5
+    assert sizes["rice"][1] < sizes["bits"][1]
 
 
 def test_rle_under_half_a_bit_for_iid_zeros_at_90_percent_ones():
@@ -106,27 +106,27 @@ def test_rle_under_half_a_bit_for_iid_zeros_at_90_percent_ones():
     backbone, width = _backbone()
     ones = _set_masks(backbone, 0.10, clustered=False, seed=3)
     assert ones == pytest.approx(0.90, abs=1e-3)
-    artifact = _export(backbone, nn.Linear(width, 2), "rle")
+    artifact = _export(backbone, nn.Linear(width, 2), "rice")
     assert artifact.bits_per_masked_weight() <= 0.5
     decoded = artifact.unpacked_masks()
     for name, mask in get_masks(backbone).items():
         assert torch.equal(decoded[name], mask)
 
 
-def test_raw_one_bit_artifacts_are_still_read_and_mix_with_rle(task, tmp_path):
+def test_raw_one_bit_artifacts_are_still_read_and_mix_with_rice(task, tmp_path):
     backbone, head = task
     x = torch.randn(2, 3, 64, 64)
     expected = _predict(backbone, head, x)
     raw = save_artifact(_export(backbone, head, "bits"), tmp_path / "raw.safetensors")
     other, width = _backbone()
     _set_masks(other, 0.05, clustered=True, seed=7)
-    rle = save_artifact(_export(other, nn.Linear(width, 3), "rle"), tmp_path / "rle.safetensors")
+    rice = save_artifact(_export(other, nn.Linear(width, 3), "rice"), tmp_path / "rice.safetensors")
 
     fresh, _ = _backbone()
     loaded_raw = load_artifact(raw)
     assert {m.encoding for m in loaded_raw.masks.values()} == {"bits"}
     assert loaded_raw.bits_per_masked_weight() == pytest.approx(1.0, abs=1e-3)
-    apply_artifact(fresh, load_artifact(rle))  # switch through an rle task first
+    apply_artifact(fresh, load_artifact(rice))  # switch through a rice task first
     new_head = apply_artifact(fresh, loaded_raw)
     assert torch.equal(_predict(fresh, new_head, x), expected)
 
@@ -141,22 +141,55 @@ def test_raw_one_bit_artifacts_are_still_read_and_mix_with_rle(task, tmp_path):
     ],
     ids=["all_ones", "all_zeros", "edges", "alternating"],
 )
-def test_packed_rle_edge_cases_are_lossless(values):
-    packed = PackedMask.from_mask(values, "binary", "rle")
+def test_packed_rice_edge_cases_are_lossless(values):
+    packed = PackedMask.from_mask(values, "binary", "rice")
     assert torch.equal(packed.unpack(), values)
     assert packed.unpack(torch.float16).dtype == torch.float16
 
 
-def test_rle_refuses_ternary_masks():
+def test_rice_refuses_ternary_masks():
     with pytest.raises(ValueError, match="binary masks only"):
-        PackedMask.from_mask(torch.tensor([-1.0, 0.0, 1.0]), "ternary", "rle")
+        PackedMask.from_mask(torch.tensor([-1.0, 0.0, 1.0]), "ternary", "rice")
 
 
-def test_damaged_rle_payload_is_refused(task, tmp_path):
+def test_damaged_rice_payload_is_refused(task, tmp_path):
     backbone, head = task
-    path = save_artifact(_export(backbone, head, "rle"), tmp_path / "t.safetensors")
+    path = save_artifact(_export(backbone, head, "rice"), tmp_path / "t.safetensors")
     data = bytearray(path.read_bytes())
     data[-200] ^= 0x55  # inside the tensor payload
     path.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="integrity"):
         load_artifact(path)
+
+
+def test_artifacts_and_configs_with_the_old_rle_name_still_work(task, tmp_path):
+    """``rice`` was called ``rle``: files written under that name load, the option still works."""
+    from piggyback.masks.artifact import (
+        ARTIFACT_FORMAT,
+        FORMAT_VERSION,
+        artifact_meta,
+        artifact_tensors,
+        write_checked_file,
+    )
+
+    backbone, head = task
+    artifact = _export(backbone, head, "rle")
+    assert {m.encoding for m in artifact.masks.values()} == {"rice"}
+    meta = artifact_meta(artifact)
+    for info in meta["masks"].values():
+        info["encoding"] = "rle"  # as an earlier piggyback wrote it
+    path = write_checked_file(
+        tmp_path / "old.safetensors",
+        artifact_tensors(artifact),
+        meta,
+        file_format=ARTIFACT_FORMAT,
+        version=FORMAT_VERSION,
+    )
+    loaded = load_artifact(path)
+    assert {m.encoding for m in loaded.masks.values()} == {"rice"}
+    fresh, _ = _backbone()
+    apply_artifact(fresh, loaded)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(get_masks(fresh).values(), get_masks(backbone).values(), strict=True)
+    )

@@ -33,6 +33,23 @@ class ArtifactError(ValueError):
     """An artifact cannot be read or does not fit the model it is applied to."""
 
 
+MASK_ENCODINGS = ("bits", "rice")
+"""``bits``: 1 bit per weight (2 for ternary masks). ``rice``: binary masks only, the gaps
+between the minority symbol coded with block-adaptive Golomb-Rice (``masks/codec.py``), well
+under 1 bit per weight on trained masks."""
+_RENAMED_ENCODINGS = {"rle": "rice"}  # the old name: earlier artifacts and configs say it
+
+
+def canonical_encoding(name: str) -> str:
+    """The current name of a mask encoding; ``rle`` (the old name of ``rice``) still works."""
+    name = _RENAMED_ENCODINGS.get(name, name)
+    if name not in MASK_ENCODINGS:
+        raise ValueError(
+            f"unknown mask encoding {name!r}; choose one of {', '.join(MASK_ENCODINGS)}"
+        )
+    return name
+
+
 @dataclass
 class PackedMask:
     """One layer's mask as stored: ``data`` is uint8, ``encoding`` says how to decode it."""
@@ -44,27 +61,42 @@ class PackedMask:
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor, kind: str = "binary", encoding: str = "bits"):
+        encoding = canonical_encoding(encoding)
         if encoding == "bits":
             data = pack_mask(mask, kind)
-        elif encoding == "rle":
+        else:
             if kind != "binary":
-                raise ValueError("compressed ('rle') encoding supports binary masks only")
+                raise ValueError(f"the {encoding!r} encoding supports binary masks only")
             from piggyback.masks.codec import compress_mask
 
             data = torch.frombuffer(bytearray(compress_mask(mask)), dtype=torch.uint8)
-        else:
-            raise ValueError(f"unknown mask encoding {encoding!r}; choose 'bits' or 'rle'")
         return cls(data=data, shape=tuple(mask.shape), kind=kind, encoding=encoding)
 
     def unpack(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        if self.encoding == "bits":
+        """The mask as a tensor of ``shape``; stored bytes that do not decode to exactly that
+        shape raise :class:`ArtifactError` (whatever the bytes: the decoder is fuzzed)."""
+        try:
+            encoding = canonical_encoding(self.encoding)
+        except ValueError:
+            raise ArtifactError(
+                f"unknown mask encoding {self.encoding!r} (newer piggyback?)"
+            ) from None
+        if self.kind not in ("binary", "ternary") or (encoding == "rice" and self.kind != "binary"):
+            raise ArtifactError(f"a {self.kind!r} mask cannot use the {encoding!r} encoding")
+        if encoding == "bits":
+            if self.data.numel() != packed_size(self.numel, self.kind):
+                raise ArtifactError(
+                    f"mask of shape {self.shape} has {self.data.numel()} bytes, "
+                    f"expected {packed_size(self.numel, self.kind)} (truncated?)"
+                )
             return unpack_mask(self.data, self.shape, self.kind, dtype)
-        if self.encoding == "rle":
-            from piggyback.masks.codec import decompress_mask
+        from piggyback.masks.codec import decompress_mask
 
+        try:
             mask = decompress_mask(self.data.numpy().tobytes(), self.shape)
-            return mask if dtype is None else mask.to(dtype)
-        raise ArtifactError(f"unknown mask encoding {self.encoding!r} (newer piggyback?)")
+        except ValueError as exc:
+            raise ArtifactError(f"mask of shape {self.shape}: {exc}") from None
+        return mask if dtype is None else mask.to(dtype)
 
     @property
     def numel(self) -> int:
@@ -453,7 +485,7 @@ def artifact_from_parts(
             data=packed[name],
             shape=tuple(info["shape"]),
             kind=info["kind"],
-            encoding=info["encoding"],
+            encoding=_RENAMED_ENCODINGS.get(info["encoding"], info["encoding"]),
         )
         for name, info in meta["masks"].items()
     }
@@ -528,8 +560,7 @@ def load_masks(backbone: nn.Module, artifact: TaskArtifact) -> None:
                 f"task {artifact.task!r}: mask for {name!r} has shape {packed.shape}, "
                 f"the weight has {tuple(mask.weight.shape)}"
             )
-        if packed.encoding == "bits" and packed.data.numel() != packed_size(
-            packed.numel, packed.kind
-        ):
-            raise ArtifactError(f"task {artifact.task!r}: mask for {name!r} is truncated")
-        mask.set_mask(packed.unpack(dtype=None))
+        try:
+            mask.set_mask(packed.unpack(dtype=None))
+        except ArtifactError as exc:
+            raise ArtifactError(f"task {artifact.task!r}: mask for {name!r}: {exc}") from None
