@@ -9,40 +9,14 @@ import torch
 from piggyback.data.digits import DigitsDataModule
 from piggyback.module import PiggybackModule
 from piggyback.nn import get_masks, masked_weights
+from piggyback.testing import demo_module, logits_on_test_split, quick_trainer
+
+FAST_LR = {"masks": 1e-3, "head": 1e-3, "bn": 1e-3}
 
 
-def _trainer(tmp_path, epochs=1, **kw):
-    options = dict(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_train_batches=6,
-        limit_val_batches=2,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    options.update(kw)
-    return L.Trainer(**options)
-
-
-def _module(demo_cache, task="digits_rotated", num_classes=10, **kw):
-    kw.setdefault("lr", {"masks": 1e-3, "head": 1e-3, "bn": 1e-3})
-    return PiggybackModule(
-        backbone={"name": "small_cnn", "weights": "demo", "cache_dir": str(demo_cache)},
-        task=task,
-        num_classes=num_classes,
-        **kw,
-    )
-
-
-def _logits(module, datamodule):
-    module.eval()
-    datamodule.setup("test")
-    with torch.no_grad():
-        return torch.cat([module(x) for x, _ in datamodule.test_dataloader()])
+def _module(demo_cache, **kw):
+    kw.setdefault("lr", FAST_LR)
+    return demo_module(demo_cache, **kw)
 
 
 @pytest.mark.parametrize("bn", ["frozen", "train"])
@@ -51,22 +25,22 @@ def test_no_forgetting_task_a_logits_bit_identical_after_task_b(tmp_path, demo_c
     data_a = DigitsDataModule("rotated", batch_size=64)
     data_b = DigitsDataModule("inverted", batch_size=64)
     module = _module(demo_cache, bn=bn)
-    _trainer(tmp_path).fit(module, data_a)
-    logits_a = _logits(module, data_a)
+    quick_trainer(tmp_path).fit(module, data_a)
+    logits_a = logits_on_test_split(module, data_a)
     masks_a = get_masks(module.backbone)
     assert any((m == 0).any() for m in masks_a.values()), "task A learned no mask at all"
     frozen = {n: layer.weight.clone() for n, layer in masked_weights(module.backbone)}
 
     module.add_task("digits_inverted", 10)
-    _trainer(tmp_path).fit(module, data_b)
-    logits_b = _logits(module, data_b)
+    quick_trainer(tmp_path).fit(module, data_b)
+    logits_b = logits_on_test_split(module, data_b)
     masks_b = get_masks(module.backbone)
     assert any(not torch.equal(masks_a[n], masks_b[n]) for n in masks_a)
 
     module.set_task("digits_rotated")
-    assert torch.equal(_logits(module, data_a), logits_a)
+    assert torch.equal(logits_on_test_split(module, data_a), logits_a)
     module.set_task("digits_inverted")
-    assert torch.equal(_logits(module, data_b), logits_b)
+    assert torch.equal(logits_on_test_split(module, data_b), logits_b)
     # The pretrained conv weights never moved.
     params = dict(module.backbone.named_parameters())
     for name, weight in frozen.items():
@@ -76,7 +50,7 @@ def test_no_forgetting_task_a_logits_bit_identical_after_task_b(tmp_path, demo_c
 def test_frozen_bn_and_weights_are_untouched_by_training(tmp_path, demo_cache):
     module = _module(demo_cache)
     before = {k: v.clone() for k, v in module.backbone.state_dict().items() if "mask_real" not in k}
-    _trainer(tmp_path).fit(module, DigitsDataModule("rotated"))
+    quick_trainer(tmp_path).fit(module, DigitsDataModule("rotated"))
     after = module.backbone.state_dict()
     for key, value in before.items():
         assert torch.equal(after[key], value), key
@@ -103,7 +77,7 @@ def test_finetune_moves_weights_and_classifier_only_does_not(tmp_path, demo_cach
     data = DigitsDataModule("rotated")
     finetune = _module(demo_cache, method="finetune")
     w0 = finetune.backbone.features[0].weight.clone()
-    _trainer(tmp_path).fit(finetune, data)
+    quick_trainer(tmp_path).fit(finetune, data)
     assert not torch.equal(finetune.backbone.features[0].weight, w0)
     with pytest.raises(ValueError, match="separate network"):
         finetune.add_task("other", 3)
@@ -111,7 +85,7 @@ def test_finetune_moves_weights_and_classifier_only_does_not(tmp_path, demo_cach
     frozen = _module(demo_cache, method="classifier_only")
     state = {k: v.clone() for k, v in frozen.backbone.state_dict().items()}
     head0 = frozen.head.weight.clone()
-    _trainer(tmp_path).fit(frozen, data)
+    quick_trainer(tmp_path).fit(frozen, data)
     for key, value in frozen.backbone.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert not torch.equal(frozen.head.weight, head0)
@@ -120,23 +94,23 @@ def test_finetune_moves_weights_and_classifier_only_does_not(tmp_path, demo_cach
 def test_checkpoint_round_trip_gives_same_predictions(tmp_path, demo_cache):
     data_a = DigitsDataModule("rotated")
     module = _module(demo_cache)
-    trainer = _trainer(tmp_path)
+    trainer = quick_trainer(tmp_path)
     trainer.fit(module, data_a)
     module.add_task("digits_mod3", 3)
-    trainer = _trainer(tmp_path)
+    trainer = quick_trainer(tmp_path)
     trainer.fit(module, DigitsDataModule("mod3"))
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    expected_mod3 = _logits(module, DigitsDataModule("mod3"))
+    expected_mod3 = logits_on_test_split(module, DigitsDataModule("mod3"))
     module.set_task("digits_rotated")
-    expected_rot = _logits(module, data_a)
+    expected_rot = logits_on_test_split(module, data_a)
 
     loaded = PiggybackModule.load_from_checkpoint(path, map_location="cpu")
     assert loaded.task == "digits_mod3" and set(loaded.tasks) == {"digits_rotated", "digits_mod3"}
     assert loaded.hparams.backbone["weights"] is None  # rebuilt without downloading
-    assert torch.equal(_logits(loaded, DigitsDataModule("mod3")), expected_mod3)
+    assert torch.equal(logits_on_test_split(loaded, DigitsDataModule("mod3")), expected_mod3)
     loaded.set_task("digits_rotated")
-    assert torch.equal(_logits(loaded, data_a), expected_rot)
+    assert torch.equal(logits_on_test_split(loaded, data_a), expected_rot)
     assert loaded.backbone_fingerprint == module.backbone_fingerprint
 
 
@@ -145,7 +119,7 @@ def test_resume_from_last_ckpt_continues_from_saved_epoch(tmp_path, demo_cache):
 
     data = DigitsDataModule("rotated")
     ckpt_dir = tmp_path / "ckpt"
-    first = _trainer(
+    first = quick_trainer(
         tmp_path,
         epochs=2,
         enable_checkpointing=True,
@@ -162,7 +136,7 @@ def test_resume_from_last_ckpt_continues_from_saved_epoch(tmp_path, demo_cache):
             seen.append(trainer.current_epoch)
 
     resumed_module = _module(demo_cache)
-    second = _trainer(tmp_path, epochs=4, callbacks=[Recorder()])
+    second = quick_trainer(tmp_path, epochs=4, callbacks=[Recorder()])
     second.fit(resumed_module, data, ckpt_path=str(last))
     assert seen == [2, 3]
     assert second.global_step == 4 * 6
@@ -179,7 +153,7 @@ def test_unknown_task_and_duplicate_task_errors(demo_cache):
 
 
 def test_mask_statistics_are_logged(tmp_path, demo_cache):
-    trainer = _trainer(tmp_path)
+    trainer = quick_trainer(tmp_path)
     trainer.fit(_module(demo_cache), DigitsDataModule("rotated"))
     metrics = trainer.callback_metrics
     assert 0.0 <= float(metrics["masks/zeros"]) < 1.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 
@@ -22,38 +21,11 @@ from piggyback.methods.packnet import FREE, owner_bits, pack_codes, unpack_codes
 from piggyback.module import PiggybackModule
 from piggyback.multitask import MultiTaskModel
 from piggyback.nn import masked_weights
+from piggyback.testing import demo_module, logits_on_test_split, quick_trainer
 
 
-def _trainer(tmp_path, epochs=2):
-    return L.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_train_batches=5,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-
-
-def _module(demo_cache, method, task="digits_rotated", num_classes=10, **kw):
-    return PiggybackModule(
-        backbone={"name": "small_cnn", "weights": "demo", "cache_dir": str(demo_cache)},
-        task=task,
-        num_classes=num_classes,
-        method=method,
-        **kw,
-    )
-
-
-def _logits(module, datamodule):
-    module.eval()
-    datamodule.setup("test")
-    with torch.no_grad():
-        return torch.cat([module(x) for x, _ in datamodule.test_dataloader()])
+def _trainer(root, epochs=2):
+    return quick_trainer(root, epochs, limit_train_batches=5, limit_val_batches=1)
 
 
 def test_registry_and_specs():
@@ -85,7 +57,7 @@ def test_registry_and_specs():
     ],
 )
 def test_parameter_groups_and_what_trains(demo_cache, method, groups, trainable):
-    module = _module(demo_cache, method)
+    module = demo_module(demo_cache, method)
     assert [g["name"] for g in module.param_groups()] == groups
     kinds = set()
     for name, param in module.backbone.named_parameters():
@@ -108,10 +80,10 @@ def test_parameter_groups_and_what_trains(demo_cache, method, groups, trainable)
 
 def test_separate_network_methods_refuse_a_second_task(demo_cache):
     assert Finetune.separate_networks and not FinetuneSequential.separate_networks
-    module = _module(demo_cache, "finetune")
+    module = demo_module(demo_cache, "finetune")
     with pytest.raises(ValueError, match="separate network"):
         module.add_task("other", 3)
-    _module(demo_cache, "finetune_sequential").add_task("other", 3)  # one shared network
+    demo_module(demo_cache, "finetune_sequential").add_task("other", 3)  # one shared network
 
 
 def test_classifier_only_keeps_the_pretrained_network(demo_cache):
@@ -134,9 +106,9 @@ def packnet_pair(tmp_path_factory, demo_cache):
     tmp = tmp_path_factory.mktemp("packnet")
     torch.manual_seed(0)
     data_a, data_b = DigitsDataModule("rotated", batch_size=64), DigitsDataModule("mod3")
-    module = _module(demo_cache, "packnet", lr={"backbone": 1e-2, "head": 1e-2})
+    module = demo_module(demo_cache, "packnet", lr={"backbone": 1e-2, "head": 1e-2})
     _trainer(tmp).fit(module, data_a)
-    logits_a = _logits(module, data_a)
+    logits_a = logits_on_test_split(module, data_a)
     weights_a = {n: m.weight.detach().clone() for n, m in masked_weights(module.backbone)}
     owners_a = {n: o.clone() for n, o in module.method.owners.items()}
     artifact_a = module.export_task()
@@ -168,11 +140,11 @@ def test_packnet_ownership_pruning_and_freezing(packnet_pair):
 
 def test_packnet_earlier_task_logits_are_bit_identical(packnet_pair):
     module, data_a, data_b, logits_a, *_ = packnet_pair
-    logits_b = _logits(module, data_b)
+    logits_b = logits_on_test_split(module, data_b)
     module.set_task("digits_rotated")
-    assert torch.equal(_logits(module, data_a), logits_a)
+    assert torch.equal(logits_on_test_split(module, data_a), logits_a)
     module.set_task("digits_mod3")
-    assert torch.equal(_logits(module, data_b), logits_b)
+    assert torch.equal(logits_on_test_split(module, data_b), logits_b)
 
 
 def test_packnet_artifacts_rebuild_the_sequence_and_refuse_an_untouched_backbone(
@@ -210,18 +182,18 @@ def test_finetune_sequential_forgets(tmp_path, demo_cache):
     """The same two tasks on one fine-tuned network: task A's predictions move."""
     torch.manual_seed(0)
     data_a, data_b = DigitsDataModule("rotated", batch_size=64), DigitsDataModule("mod3")
-    module = _module(demo_cache, "finetune_sequential", lr={"backbone": 5e-2})
+    module = demo_module(demo_cache, "finetune_sequential", lr={"backbone": 5e-2})
     _trainer(tmp_path).fit(module, data_a)
-    logits_a = _logits(module, data_a)
+    logits_a = logits_on_test_split(module, data_a)
     module.add_task("digits_mod3", 3)
     _trainer(tmp_path).fit(module, data_b)
     module.set_task("digits_rotated")
-    assert not torch.allclose(_logits(module, data_a), logits_a)
+    assert not torch.allclose(logits_on_test_split(module, data_a), logits_a)
 
 
 def test_lr_scale_multiplies_every_group_once(tmp_path, demo_cache):
     spec = {"_target_": "piggyback.methods.Piggyback", "name": "piggyback", "lr_scale": 10.0}
-    module = _module(demo_cache, spec, lr={"masks": 1e-3})
+    module = demo_module(demo_cache, spec, lr={"masks": 1e-3})
     lrs = {g["name"]: g["lr"] for g in module.param_groups()}
     assert lrs == pytest.approx({"masks": 1e-2, "head": 1e-3})
     trainer = _trainer(tmp_path, epochs=1)
