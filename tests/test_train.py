@@ -152,11 +152,16 @@ def test_a_failing_multirun_job_does_not_stop_its_siblings(tmp_path, demo_cache)
         cache=demo_cache,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
     assert "error: job 1 (data=finegrained/cubs," in result.stderr
     assert "the other jobs go on" in result.stderr and "Traceback" not in result.stderr
     artifacts = [p.name for p in (tmp_path / "sweep").rglob("artifacts/*.safetensors")]
     assert artifacts == ["digits_rotated.safetensors"]
+    failed = [p.parent.name for p in (tmp_path / "sweep").rglob("error.txt")]
+    assert len(failed) == 1 and failed[0].startswith("1_")
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: 1 job(s) of this sweep failed (see error.txt in {tmp_path}/sweep/{failed[0]})"
+    )
 
 
 def test_missing_dataset_is_a_clear_error_with_exit_code_2(tmp_path, demo_cache):

@@ -29,6 +29,7 @@ from piggyback.masks.artifact import ArtifactError, save_artifact
 from piggyback.module import PiggybackModule
 from piggyback.resolvers import register_resolvers
 from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
+from piggyback.sweep import record_job_failure
 from piggyback.validate import ConfigError, check_channels, check_config, check_resume
 
 log = logging.getLogger(__name__)
@@ -338,14 +339,17 @@ def _multirun_job() -> str | None:
     return f"job {hydra_cfg.job.num} ({','.join(hydra_cfg.overrides.task)})"
 
 
-def _user_error(exc: BaseException) -> None:
+def _user_error(exc: BaseException, output_dir: str) -> None:
     """One line and exit 2; in a multirun, the job's overrides and no exit, so the sibling
-    jobs of a sweep still run (the basic and joblib launchers stop at a job's exception)."""
+    jobs of a sweep still run (the basic and joblib launchers stop at a job's exception),
+    and an ``error.txt`` that makes the whole sweep exit 2 at its end (``piggyback.sweep``)."""
     job = _multirun_job()
     if job is None:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"error: {job} failed, the other jobs go on: {exc}", file=sys.stderr, flush=True)
+    message = f"error: {job} failed, the other jobs go on: {exc}"
+    print(message, file=sys.stderr, flush=True)
+    record_job_failure(output_dir, message)
 
 
 def run(cfg: DictConfig) -> float | None:
@@ -353,12 +357,12 @@ def run(cfg: DictConfig) -> float | None:
     try:
         metrics = train(cfg)
     except USER_ERRORS as exc:
-        _user_error(exc)
+        _user_error(exc, cfg.paths.output_dir)
         return None
     except InstantiationException as exc:  # Hydra wraps errors raised in a constructor
         if not isinstance(exc.__cause__, USER_ERRORS):
             raise
-        _user_error(exc.__cause__)
+        _user_error(exc.__cause__, cfg.paths.output_dir)
         return None
     except SIGTERMException:
         exc = Interrupted(143, Path(cfg.paths.output_dir) / "checkpoints")
