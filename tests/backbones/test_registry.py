@@ -110,8 +110,10 @@ def test_any_callable_via_target_and_an_explicit_classifier():
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"just some text\n", "not a readable torch file"),
-        (bytes(range(256)) * 4, "not a readable torch file"),
+        (b"just some text\n", r"not a readable torch file \(neither a torch.save archive nor a"),
+        (bytes(range(256)) * 4, "neither a torch.save archive nor a pickle"),
+        ("model", r"holds more than tensors: Unsupported global: .*; save model.state_dict\(\)"),
+        ("truncated", "neither a torch.save archive nor a pickle"),
         (None, "holds a Tensor, not a state dict"),
         ("dir", "is a directory"),
     ],
@@ -120,6 +122,10 @@ def test_bad_checkpoint_files_say_what_was_expected(tmp_path, content, message):
     path = tmp_path / "weights.pth"
     if content is None:
         torch.save(torch.zeros(3), path)
+    elif content in ("model", "truncated"):  # a whole pickled model, or the start of one
+        torch.save(torch.nn.Linear(2, 2), path)
+        if content == "truncated":
+            path.write_bytes(path.read_bytes()[:300])
     elif content == "dir":
         path.mkdir()
     else:
@@ -128,3 +134,4 @@ def test_bad_checkpoint_files_say_what_was_expected(tmp_path, content, message):
         build_backbone("resnet18", checkpoint=path)
     assert str(path) in str(info.value) and "state dict" in str(info.value)
     assert "ResNet" in str(info.value)
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,23 @@ def remove_classifier(model: nn.Module, classifier: str | None = None) -> tuple[
     )
 
 
+def _load_failure(path: Path, exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words: torch's own message is a
+    paragraph that advises ``weights_only=False``, which is wrong for a file that is not a
+    checkpoint at all and unsafe for one that is."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # zip, or pickle >= 2
+        return "neither a torch.save archive nor a pickle"
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0]
+        detail = detail.split(". ", 1)[0].strip()  # torch goes on with allowlisting advice
+        return f"it holds more than tensors: {detail}; save model.state_dict() instead"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"damaged or truncated: {first}"
+
+
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     """Load a local state dict (``state_dict``/``model`` wrappers and ``module.`` prefixes
     accepted) with ``weights_only``: no code runs. Every failure is a BackboneError that
@@ -115,9 +133,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises anything on arbitrary bytes (KeyError, ...)
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise BackboneError(
-            f"backbone checkpoint {path} is not a readable torch file ({reason}); {expected}"
+            f"backbone checkpoint {path} is not a readable torch file ({_load_failure(path, e)}); "
+            f"{expected}"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
