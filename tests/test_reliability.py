@@ -138,10 +138,16 @@ def test_cli_user_errors_print_one_line_and_exit_2(tmp_path, demo_cache):
     assert "Traceback" not in result.stderr
 
 
-def test_sigterm_saves_checkpoint_and_exits_143(tmp_path, demo_cache):
+@pytest.mark.parametrize(
+    ("sig", "code", "name"), [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "SIGINT")]
+)
+def test_signal_saves_checkpoint_and_exits_with_the_shell_code(
+    tmp_path, demo_cache, sig, code, name
+):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), "data=digits/rotated", "trainer.max_epochs=500"]
+        + ["+trainer.limit_train_batches=5", "+trainer.limit_val_batches=1"]
         + ["trainer.enable_progress_bar=false", "logger=none", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path,
         env=_env(demo_cache),
@@ -153,13 +159,13 @@ def test_sigterm_saves_checkpoint_and_exits_143(tmp_path, demo_cache):
     deadline = time.monotonic() + 240
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == code, err[-2000:]
     last = run_dir / "checkpoints" / "digits_rotated" / "last.ckpt"
     assert last.exists()
     assert err.strip().splitlines()[-1] == (
-        f"error: interrupted by SIGTERM; checkpoint saved to {last}; resume with: "
+        f"error: interrupted by {name}; checkpoint saved to {last}; resume with: "
         f"python train.py <same overrides> resume={last}"
     )
     assert "Traceback" not in err
