@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import lzma
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,7 +107,8 @@ def main() -> None:
 
         artifact = load_artifact(path)
         masks = [m.bool() for m in artifact.unpacked_masks().values()]
-        bench(f"artifact {artifact.task}"[:26], masks, args.repeats)
+        run = Path(path).resolve().parents[1].name  # <run>/artifacts/<task>.safetensors
+        bench(f"{run}/{artifact.task}"[:26], masks, args.repeats)
 
 
 if __name__ == "__main__":
