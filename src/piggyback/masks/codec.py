@@ -14,7 +14,7 @@ Why our own code and not stdlib ``lzma`` over ``np.packbits`` (``benchmarks/mask
 2-core CPU, one thread): on the masks of real EfficientNet-Lite0 runs lzma needs 1.53x the
 bytes at 0.6 % zeros and 1.15x at 4.5 %; on i.i.d. masks 1.24x at 2 %, 1.16x at 5 %, 1.05x at
 10 %, and 1.01x on clustered masks at 24 %. lzma (preset 9) also encodes a ResNet-50 mask set
-10-35x slower. Trained Piggyback masks sit at a few percent zeros, where the gap is largest.
+5-36x slower. Trained Piggyback masks sit at a few percent zeros, where the gap is largest.
 The decoder parses untrusted bytes, so it is fuzzed (``tests/masks/test_codec_fuzz.py``):
 random and mutated streams decode or raise, with memory linear in stream and mask size.
 
