@@ -309,3 +309,26 @@ def test_fresh_subdir_never_reuses_a_folder(tmp_path):
     assert fresh_subdir(str(tmp_path), ".hydra") == ".hydra_v1"
     (tmp_path / ".hydra_v1").mkdir()
     assert fresh_subdir(str(tmp_path), ".hydra") == ".hydra_v2"
+
+
+def test_a_stopped_runs_last_ckpt_is_neither_overwritten_nor_resumed_silently(make_cfg):
+    """A rerun into a folder whose run was stopped would overwrite its resume point (or, with
+    Lightning's OnExceptionCheckpoint, silently resume from it): it is refused up front,
+    unless it is that resume."""
+    cfg = make_cfg(*TINY, "logger=none", "callbacks=default", "save_artifacts=false")
+    train(cfg)
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "digits_rotated" / "last.ckpt"
+    before = last.read_bytes()
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    assert str(info.value) == (
+        f"{last} exists: an earlier run in this folder stopped there; continue it with "
+        f"resume={last}, pick another output folder (hydra.run.dir=...) or set "
+        "overwrite_artifacts=true"
+    )
+    assert last.read_bytes() == before
+    cfg.resume = str(last)
+    check_config(cfg, [cfg.data])  # continuing that run in place is what it is there for
+    other = make_cfg(*TINY, "logger=none", "callbacks=none", "overwrite_artifacts=true")
+    other.method = make_cfg("method=classifier_only").method  # another run's optimizer state
+    train(other)  # explicitly allowed: runs from scratch, does not load the old last.ckpt

@@ -20,19 +20,21 @@ import numpy as np
 import torch
 
 
-class InterruptCheckpoint(L.pytorch.callbacks.OnExceptionCheckpoint):
-    """Writes ``last.ckpt`` when training stops on an exception or signal, and leaves it there.
+class InterruptCheckpoint(L.pytorch.callbacks.Checkpoint):
+    """Writes ``last.ckpt`` when training stops on an exception or a signal.
 
-    Lightning's ``OnExceptionCheckpoint`` deletes its file at teardown, which with the name
-    ``last`` also deleted the epoch-end ``last.ckpt`` (``callbacks.last_checkpoint``) at the
-    end of every normal run.
+    Not Lightning's ``OnExceptionCheckpoint``: with one of those among the callbacks,
+    ``fit(ckpt_path=None)`` silently resumes from any ``last*.ckpt`` in the checkpoint folders
+    (a rerun into an earlier run's folder then continued, or crashed on, that run's state), and
+    it deletes its file at teardown, which with the name ``last`` was the epoch-end
+    ``last.ckpt``. Here a run resumes only when asked to, with ``resume=``.
     """
 
     def __init__(self, dirpath: str | Path) -> None:
-        super().__init__(str(dirpath), "last")
+        self.path = Path(dirpath) / "last.ckpt"
 
-    def teardown(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        """Keep the file: it is the resume point (or ``ModelCheckpoint``'s ``last.ckpt``)."""
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException):
+        trainer.save_checkpoint(self.path)
 
 
 class RNGStateCheckpoint(L.Callback):

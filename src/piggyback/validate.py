@@ -74,15 +74,31 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
         num_classes = data_cfg.get("num_classes")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 1):
             raise ConfigError(f"data.num_classes must be a positive integer, got {num_classes!r}")
-    if cfg.get("save_artifacts", True) and not cfg.get("overwrite_artifacts", False):
-        folder = Path(cfg.paths.output_dir) / "artifacts"
-        for name in names:
-            path = folder / f"{name}.safetensors"
-            if path.exists():
-                raise ConfigError(
-                    f"{path} already exists; pick another output folder "
-                    "(hydra.run.dir=...) or set overwrite_artifacts=true"
-                )
+    if not cfg.get("overwrite_artifacts", False):
+        check_output_folder(
+            Path(cfg.paths.output_dir), names, cfg.get("save_artifacts", True), cfg.get("resume")
+        )
+
+
+def check_output_folder(
+    output_dir: Path, tasks: list[str], save_artifacts: bool, resume: str | None
+) -> None:
+    """An earlier run's results in this folder are never overwritten: its artifacts, and the
+    ``last.ckpt`` a stopped run left to resume from (unless this run is that resume)."""
+    for name in tasks:
+        artifact = output_dir / "artifacts" / f"{name}.safetensors"
+        if save_artifacts and artifact.exists():
+            raise ConfigError(
+                f"{artifact} already exists; pick another output folder "
+                "(hydra.run.dir=...) or set overwrite_artifacts=true"
+            )
+        last = output_dir / "checkpoints" / name / "last.ckpt"
+        if last.exists() and (resume is None or Path(resume).resolve() != last.resolve()):
+            raise ConfigError(
+                f"{last} exists: an earlier run in this folder stopped there; continue it with "
+                f"resume={last}, pick another output folder (hydra.run.dir=...) or set "
+                "overwrite_artifacts=true"
+            )
 
 
 def check_channels(backbone: object, sample_channels: int) -> None:
@@ -112,7 +128,12 @@ def check_resume(path: str | Path, task: str, method: str, backbone: str) -> Non
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no code
     except Exception as exc:  # pickle, zip and tensor errors alike
-        raise ConfigError(f"resume={path} is not a readable training checkpoint: {exc}") from None
+        from piggyback.backbones.base import torch_load_failure
+
+        reason = torch_load_failure(path, exc)
+        raise ConfigError(
+            f"resume={path} is not a readable training checkpoint ({reason})"
+        ) from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "state_dict" not in ckpt:
         raise ConfigError(f"resume={path} is not a piggyback training checkpoint (last.ckpt)")

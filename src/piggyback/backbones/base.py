@@ -102,7 +102,7 @@ def remove_classifier(model: nn.Module, classifier: str | None = None) -> tuple[
     )
 
 
-def _load_failure(path: Path, exc: Exception) -> str:
+def torch_load_failure(path: Path, exc: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in a few words: torch's own message is a
     paragraph that advises ``weights_only=False``, which is wrong for a file that is not a
     checkpoint at all and unsafe for one that is."""
@@ -133,9 +133,9 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler raises anything on arbitrary bytes (KeyError, ...)
+        reason = torch_load_failure(path, e)
         raise BackboneError(
-            f"backbone checkpoint {path} is not a readable torch file ({_load_failure(path, e)}); "
-            f"{expected}"
+            f"backbone checkpoint {path} is not a readable torch file ({reason}); {expected}"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
