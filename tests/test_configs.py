@@ -120,7 +120,14 @@ def test_several_loggers_compose(make_cfg):
 def test_callback_configs_build(make_cfg, option):
     cfg = make_cfg(f"callbacks={option}")
     callbacks = build_all(cfg.callbacks)
-    assert len(callbacks) == (0 if option == "none" else 3)
+    if option == "none":
+        assert callbacks == []
+        return
+    names = [type(c).__name__ for c in callbacks]
+    assert names == ["ModelCheckpoint", "ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar"]
+    best, last = callbacks[:2]
+    assert (best.monitor, best.save_last) == ("val/acc", None)
+    assert (last.monitor, last.filename, last.save_top_k) == (None, "last", 1)  # every epoch
 
 
 @pytest.mark.parametrize("option", _options("experiment"))
