@@ -332,3 +332,25 @@ def test_a_stopped_runs_last_ckpt_is_neither_overwritten_nor_resumed_silently(ma
     other = make_cfg(*TINY, "logger=none", "callbacks=none", "overwrite_artifacts=true")
     other.method = make_cfg("method=classifier_only").method  # another run's optimizer state
     train(other)  # explicitly allowed: runs from scratch, does not load the old last.ckpt
+
+
+def test_demo_recipe_on_other_data_gets_a_note(make_cfg):
+    from piggyback.train import demo_recipe_note
+
+    cfg = make_cfg("backbone=resnet18", "data=imagefolder")
+    choices = {"experiment": "demo", "backbone": "resnet18", "data": "imagefolder"}
+    choices["method"] = "piggyback_bn"  # what experiment=demo picks
+    assert demo_recipe_note(choices, cfg) == (
+        "note: backbone=resnet18 data=imagefolder runs under experiment=demo (the default), "
+        "the demo's recipe (method=piggyback_bn, 10 epochs), not the paper's; add "
+        "experiment=paper for the paper's recipe"
+    )
+    ours = {"experiment": "demo", "backbone": "small_cnn", "data": "digits/rotated"}
+    assert demo_recipe_note(ours, cfg) is None
+    assert demo_recipe_note({**choices, "experiment": "paper"}, cfg) is None
+    paper = make_cfg("experiment=paper")
+    assert (paper.method.name, paper.trainer.max_epochs, paper.method.scheduler.step_size) == (
+        "piggyback",
+        30,
+        15,
+    )

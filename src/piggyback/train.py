@@ -352,8 +352,42 @@ def _user_error(exc: BaseException, output_dir: str) -> None:
     record_job_failure(output_dir, message)
 
 
+DEMO_CHOICES = {"backbone": ("small_cnn",), "data": ("demo", "digits/")}
+
+
+def demo_recipe_note(choices: dict[str, Any], cfg: DictConfig) -> str | None:
+    """A note when the default ``experiment=demo`` (piggyback_bn, 10 epochs) runs on other
+    data or another backbone, where a user would expect the paper's recipe."""
+    if choices.get("experiment") != "demo":
+        return None
+    foreign = [
+        f"{group}={choices.get(group)}"
+        for group, ours in DEMO_CHOICES.items()
+        if not str(choices.get(group)).startswith(ours)
+    ]
+    if not foreign:
+        return None
+    return (
+        f"note: {' '.join(foreign)} runs under experiment=demo (the default), the demo's "
+        f"recipe (method={choices.get('method')}, {cfg.trainer.max_epochs} epochs), not the "
+        "paper's; add experiment=paper for the paper's recipe"
+    )
+
+
+def _hydra_choices() -> dict[str, Any]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return dict(HydraConfig.get().runtime.choices)
+    except (ImportError, ValueError):  # not under @hydra.main
+        return {}
+
+
 def run(cfg: DictConfig) -> float | None:
     """Hydra job body: train, then hand the sweeper its metric. Known user errors exit 2."""
+    note = demo_recipe_note(_hydra_choices(), cfg)
+    if note:
+        print(note, file=sys.stderr, flush=True)
     try:
         metrics = train(cfg)
     except USER_ERRORS as exc:
