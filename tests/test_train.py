@@ -191,7 +191,9 @@ class DumpMasks(L.Callback):
 
 
 @pytest.mark.slow
-def test_cpu_ddp_two_processes_end_with_identical_masks(make_cfg, tmp_path):
+def test_cpu_ddp_two_processes_end_with_identical_masks(make_cfg, tmp_path, monkeypatch):
+    # spawned ranks unpickle DumpMasks as tests.test_train: the repo root must be importable
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
     cfg = make_cfg(
         "data=digits/rotated",
         "trainer=ddp",
