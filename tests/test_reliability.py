@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import open_dict
 
 from piggyback.train import run, train
 from piggyback.validate import ConfigError, check_channels, check_config, check_task_name
@@ -78,10 +79,10 @@ def test_existing_artifact_is_refused_before_training(make_cfg):
 def test_three_channel_backbone_on_one_channel_data_is_named():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
     with pytest.raises(ConfigError) as info:
-        check_channels(net, 1)
+        check_channels(net, 1, "digits_rotated")
     assert str(info.value) == (
-        "the backbone's first conv expects 3 input channels but the data has 1; "
-        "pick a matching backbone or data transform"
+        "task 'digits_rotated': the backbone's first conv expects 3 input channels but the "
+        "data has 1; pick a matching backbone or data transform"
     )
     check_channels(net, 3)
 
@@ -354,3 +355,28 @@ def test_demo_recipe_on_other_data_gets_a_note(make_cfg):
         30,
         15,
     )
+
+
+def test_a_later_tasks_channel_mismatch_is_refused_before_the_first_trains(make_cfg, tmp_path):
+    """A sequence whose third task has RGB images on the 1-channel demo backbone fails up
+    front, not after the first two tasks have trained."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            folder = tmp_path / "rgb" / split / label
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(folder / f"{i}.png")
+    cfg = make_cfg(*TINY, "logger=none", "callbacks=none", "data=demo")
+    rgb = make_cfg("data=imagefolder").data
+    rgb.update(root=str(tmp_path / "rgb"), num_classes=2, task_name="photos", num_workers=0)
+    with open_dict(cfg):
+        cfg.data.tasks["photos"] = rgb
+    with pytest.raises(ConfigError) as info:
+        train(cfg)
+    assert str(info.value) == (
+        "task 'photos': the backbone's first conv expects 1 input channels but the data has 3; "
+        "pick a matching backbone or data transform"
+    )
+    assert not (Path(cfg.paths.output_dir) / "artifacts").exists()  # nothing trained

@@ -131,19 +131,28 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train_task(
     cfg: DictConfig,
-    data_cfg: DictConfig,
+    data: DictConfig | TaskDataModule,
     module: PiggybackModule | None,
     output_dir: Path,
     ckpt_path: str | None = None,
+    later: list[TaskDataModule] | None = None,
 ) -> tuple[PiggybackModule, dict[str, Any]]:
-    """Fit and test one task, then write its artifact. Returns the module for the next task."""
-    datamodule: TaskDataModule = build(data_cfg)
+    """Fit and test one task, then write its artifact. Returns the module for the next task.
+
+    ``later``: the tasks still to come, whose input channels are checked against the
+    backbone as soon as it exists, so a sequence never fails after hours of training.
+    """
+    datamodule = build(data) if isinstance(data, DictConfig) else data
     task = datamodule.task_name
     datamodule.prepare_data()
     if module is None or module.method.separate_networks:
         module = build_module(cfg, datamodule)
     else:
         module.add_task(task, datamodule.num_classes)
+    for other in [datamodule, *(later or [])]:
+        channels = getattr(other, "input_channels", None)  # any LightningDataModule works
+        if channels is not None:
+            check_channels(module.backbone, channels, other.task_name)
     # The backbone's pretrained normalisation / input size, where the data config left them open.
     datamodule.adopt_backbone_config(module.backbone_data_config)
     datamodule.setup("fit")
@@ -151,7 +160,7 @@ def train_task(
     if datamodule.train_set is not None and len(datamodule.train_set) > 0:
         sample = datamodule.train_set[0][0]
         if isinstance(sample, torch.Tensor) and sample.dim() == 3:
-            check_channels(module.backbone, sample.shape[0])
+            check_channels(module.backbone, sample.shape[0], task)
 
     if ckpt_path:
         check_resume(ckpt_path, task, cfg.method.name, cfg.backbone.name)
@@ -297,8 +306,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     learned: list[tuple[str, PiggybackModule, Any]] = []  # (task, its module, its data)
     matrix: list[list[float | None]] = []
-    for data_cfg in tasks:
-        module, record = train_task(cfg, data_cfg, module, output_dir, cfg.get("resume"))
+    datamodules: list[TaskDataModule] = [build(data_cfg) for data_cfg in tasks]
+    for i, datamodule in enumerate(datamodules):
+        module, record = train_task(
+            cfg, datamodule, module, output_dir, cfg.get("resume"), later=datamodules[i + 1 :]
+        )
         records.append(record)
         learned.append((record["task"], module, record.pop("datamodule")))
         if cfg.get("test", True) and "test/acc" in record:

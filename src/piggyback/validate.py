@@ -101,15 +101,16 @@ def check_output_folder(
             )
 
 
-def check_channels(backbone: object, sample_channels: int) -> None:
+def check_channels(backbone: object, sample_channels: int, task: str | None = None) -> None:
     """A 3-channel backbone on 1-channel data fails deep inside a conv: say it up front."""
     import torch.nn as nn
 
     first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels != sample_channels:
+        where = f"task {task!r}: " if task else ""
         raise ConfigError(
-            f"the backbone's first conv expects {first.in_channels} input channels but the "
-            f"data has {sample_channels}; pick a matching backbone or data transform"
+            f"{where}the backbone's first conv expects {first.in_channels} input channels but "
+            f"the data has {sample_channels}; pick a matching backbone or data transform"
         )
 
 

@@ -23,6 +23,10 @@ class DataError(ValueError):
 class TaskDataModule(L.LightningDataModule):
     """Base for all task DataModules: loader settings and task metadata live here."""
 
+    input_channels: int = 3
+    """Channels of the images this data module yields (image files are converted to RGB).
+    Checked against the backbone for every task of a run before the first one trains."""
+
     def __init__(
         self,
         task_name: str,

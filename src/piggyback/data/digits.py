@@ -79,6 +79,8 @@ def load_digits_tensors(variant: str = "base", image_size: int = IMAGE_SIZE, see
 class DigitsDataModule(TaskDataModule):
     """One demo task: a digits variant, split 60/15/25 (stratified, seeded)."""
 
+    input_channels = 1
+
     def __init__(
         self,
         variant: str = "rotated",
