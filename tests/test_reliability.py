@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import open_dict
@@ -380,3 +381,53 @@ def test_a_later_tasks_channel_mismatch_is_refused_before_the_first_trains(make_
         "pick a matching backbone or data transform"
     )
     assert not (Path(cfg.paths.output_dir) / "artifacts").exists()  # nothing trained
+
+
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM, as a scheduler would, after one given training batch."""
+
+    def __init__(self, epoch: int, batch: int) -> None:
+        self.at = (epoch, batch)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.current_epoch, batch_idx) == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_resume_after_sigterm_mid_epoch_equals_the_uninterrupted_run(
+    make_cfg, tmp_path, monkeypatch
+):
+    """A preempted run (SIGTERM after batch 2 of epoch 2, after the LR step) resumed from its
+    last.ckpt ends bit-identical: that epoch goes on with exactly the batches it had left."""
+    from piggyback.train import Interrupted
+
+    monkeypatch.syspath_prepend(str(REPO))  # callbacks.sigterm below is tests.test_reliability
+    # whole epochs (no limit_train_batches): the resumed epoch must end where the full one does
+    args = (*TINY[:1], "data.batch_size=128", "+trainer.limit_val_batches=1")
+    args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
+    args += ("logger=none", "callbacks=default", "method.scheduler.step_size=1")
+
+    def run_to(out: str, *extra: str) -> Path:
+        cfg = make_cfg(*args, "trainer.max_epochs=2", *extra)
+        cfg.paths.output_dir = str(tmp_path / out)
+        train(cfg)
+        return Path(cfg.paths.output_dir) / "checkpoints" / "digits_rotated" / "last.ckpt"
+
+    full = run_to("full")
+    with pytest.raises(Interrupted):
+        run_to(
+            "killed",
+            "+callbacks.sigterm._target_=tests.test_reliability.SigtermAt",
+            "+callbacks.sigterm.epoch=1",
+            "+callbacks.sigterm.batch=1",
+        )
+    killed = tmp_path / "killed" / "checkpoints" / "digits_rotated" / "last.ckpt"
+    a = torch.load(full, weights_only=False)
+    per_epoch = a["global_step"] // 2
+    stopped = torch.load(killed, weights_only=False)
+    assert (stopped["epoch"], stopped["global_step"]) == (1, per_epoch + 2)  # 2 batches in
+    resumed = run_to("resumed", f"resume={killed}")
+    b = torch.load(resumed, weights_only=False)
+    assert b["global_step"] == a["global_step"]
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])

@@ -6,7 +6,8 @@ function of seed and epoch, see ``piggyback.data.sampler``). Resuming from the e
 ``last.ckpt`` reproduces the uninterrupted run bit for bit when the loaders run in the main
 process (``num_workers=0``); worker processes keep RNG streams no checkpoint can hold, so with
 random augmentation in workers the resumed run sees the same images in the same order but
-different crops. A checkpoint written mid-epoch by a signal restarts that epoch's order.
+different crops. A checkpoint written mid-epoch by a signal resumes with the batches that
+epoch had left (see ``RNGStateCheckpoint``).
 """
 
 from __future__ import annotations
@@ -38,11 +39,21 @@ class InterruptCheckpoint(L.pytorch.callbacks.Checkpoint):
 
 
 class RNGStateCheckpoint(L.Callback):
-    """Stores the Python/NumPy/torch RNG states in each checkpoint and puts them back at the
-    start of the first training epoch after a resume (before that epoch's sampler draws)."""
+    """Carries what Lightning's checkpoint leaves out: the Python/NumPy/torch RNG states, and
+    for a checkpoint written mid-epoch (SIGTERM) how many of that epoch's batches were done.
+
+    After an epoch-end checkpoint the RNG states come back at the start of the next epoch,
+    which is exact. After a mid-epoch one, the data module's next train loader skips the
+    batches already done, so the epoch sees exactly the samples it had left, and the RNG
+    states come back at ``on_train_start``. Lightning has fetched that epoch's first batch by
+    then, so random augmentation drawn in the main process is one batch off.
+    """
+
+    KEY = "piggyback_epoch_position"
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+        self._mid_epoch = False
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -55,7 +66,31 @@ class RNGStateCheckpoint(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending = state_dict
 
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if 0 < done < trainer.num_training_batches:
+            checkpoint[self.KEY] = {"epoch": trainer.current_epoch, "batches": done}
+
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        position = checkpoint.get(self.KEY)
+        datamodule = trainer.datamodule
+        if position and datamodule is not None and hasattr(datamodule, "resume_at"):
+            datamodule.resume_at(position["epoch"], position["batches"])
+            self._mid_epoch = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._mid_epoch:
+            self._mid_epoch = False
+            self._restore()
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
         if self._pending is None:
             return
         state, self._pending = self._pending, None

@@ -43,3 +43,25 @@ def test_train_loader_leaves_the_global_rng_alone():
 def test_default_shuffle_seed_is_the_run_seed():
     torch.manual_seed(1234)
     assert TaskDataModule("t", num_classes=2).shuffle_seed == 1234
+
+
+def test_skip_drops_the_start_of_one_epoch_once():
+    data = list(range(20))
+    plain = EpochSeededSampler(data, seed=5)
+    full = _order(plain, 2)
+    resumed = EpochSeededSampler(data, seed=5, skip=(2, 8))
+    resumed.set_epoch(2)
+    assert len(resumed) == 20  # Lightning sizes later epochs from it
+    assert list(resumed) == full[8:]  # the samples the interrupted epoch had left
+    resumed.set_epoch(2)
+    assert len(resumed) == 20 and list(resumed) == full  # once only
+    assert _order(resumed, 3) == _order(plain, 3)
+
+
+def test_resume_at_reaches_the_next_train_loader_only():
+    dm = TaskDataModule("t", num_classes=2, batch_size=4, shuffle_seed=3)
+    dm.train_set = TensorDataset(torch.arange(10.0))
+    full = [b[0].tolist() for b in dm.train_dataloader()]
+    dm.resume_at(epoch=0, batches_done=2)
+    assert [b[0].tolist() for b in dm.train_dataloader()] == full[2:]
+    assert [b[0].tolist() for b in dm.train_dataloader()] == full

@@ -54,9 +54,15 @@ class TaskDataModule(L.LightningDataModule):
         # The training order is a function of (shuffle_seed, epoch); by default the run's seed,
         # which ``seed_everything`` made torch's initial seed.
         self.shuffle_seed = torch.initial_seed() if shuffle_seed is None else int(shuffle_seed)
+        self._resume_at: tuple[int, int] | None = None  # (epoch, samples already seen)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """The next train loader starts ``epoch`` after its first ``batches_done`` batches:
+        a checkpoint written mid-epoch (SIGTERM) resumes where that epoch stopped."""
+        self._resume_at = (int(epoch), int(batches_done) * self.batch_size)
 
     def adopt_backbone_config(self, config: dict[str, Any]) -> None:
         """Take what the data config left open (mean, std, input size) from the backbone's
@@ -73,13 +79,17 @@ class TaskDataModule(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochSeededSampler(dataset, self.shuffle_seed) if train else None,
+            sampler=self._train_sampler(dataset) if train else None,
             generator=loader_generator(self.shuffle_seed),
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             **kwargs,
         )
+
+    def _train_sampler(self, dataset: Dataset) -> EpochSeededSampler:
+        skip, self._resume_at = self._resume_at, None
+        return EpochSeededSampler(dataset, self.shuffle_seed, skip=skip)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

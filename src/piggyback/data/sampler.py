@@ -19,16 +19,33 @@ from torch.utils.data import RandomSampler
 
 
 class EpochSeededSampler(RandomSampler):
-    """``RandomSampler`` whose permutation for epoch ``e`` is drawn from ``seed + e``."""
+    """``RandomSampler`` whose permutation for epoch ``e`` is drawn from ``seed + e``.
 
-    def __init__(self, data_source: Sized, seed: int) -> None:
+    ``skip`` = ``(epoch, n)`` drops the first ``n`` indices of that epoch's permutation, once:
+    a run resumed from a mid-epoch checkpoint then sees exactly the samples the interrupted
+    epoch had left. The length stays the full epoch's, because Lightning sizes every later
+    epoch from it; it counts the batches already done and the shorter iteration ends the
+    epoch at the same batch.
+    """
+
+    def __init__(self, data_source: Sized, seed: int, skip: tuple[int, int] | None = None) -> None:
         super().__init__(data_source, generator=torch.Generator())
         self.seed = int(seed)
+        self.skip = skip
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.generator.manual_seed(self.seed + self.epoch)
+
+    def __iter__(self):
+        order = super().__iter__()
+        if self.skip is not None and self.skip[0] == self.epoch:
+            _, n = self.skip
+            self.skip = None
+            for _ in zip(range(n), order, strict=False):
+                pass
+        yield from order
 
 
 def loader_generator(seed: int) -> torch.Generator:
