@@ -34,7 +34,9 @@ class InterruptCheckpoint(L.pytorch.callbacks.Checkpoint):
     def __init__(self, dirpath: str | Path) -> None:
         self.path = Path(dirpath) / "last.ckpt"
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException):
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException
+    ) -> None:
         trainer.save_checkpoint(self.path)
 
 

@@ -12,7 +12,7 @@ epoch, and under DDP it replaces this sampler with a ``DistributedSampler`` seed
 
 from __future__ import annotations
 
-from collections.abc import Sized
+from collections.abc import Iterator, Sized
 
 import torch
 from torch.utils.data import RandomSampler
@@ -38,7 +38,7 @@ class EpochSeededSampler(RandomSampler):
         self.epoch = int(epoch)
         self.generator.manual_seed(self.seed + self.epoch)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[int]:
         order = super().__iter__()
         if self.skip is not None and self.skip[0] == self.epoch:
             _, n = self.skip
