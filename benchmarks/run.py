@@ -417,7 +417,7 @@ def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
         f"{100 * zeros:.1f}% zeros clustered by layer and filter; file {mib(sizes['bits'])}",
     )
     emit(
-        "rle_mask_bits / masked_weight",
+        "rice_mask_bits / masked_weight",
         rice.bits_per_masked_weight(),
         "target <= 0.50 at >= 90% ones",
         f"{mib(rice.mask_bytes())} masks; file {mib(sizes['rice'])} vs {mib(sizes['bits'])} raw "

@@ -27,7 +27,7 @@ from piggyback.data.base import DataError, TaskDataModule
 from piggyback.instantiate import build, build_all, to_dict
 from piggyback.masks.artifact import ArtifactError, save_artifact
 from piggyback.module import PiggybackModule
-from piggyback.resolvers import register_resolvers
+from piggyback.resolvers import fresh_subdir, register_resolvers
 from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
 from piggyback.sweep import record_job_failure
 from piggyback.validate import ConfigError, check_channels, check_config, check_resume
@@ -69,18 +69,10 @@ def _loggers(cfg: DictConfig, task: str) -> list[Any]:
             continue
         fill = {k: task for k in ("name", "version") if k in node and node[k] is None}
         if "version" in fill and node.get("save_dir") and node.get("name"):
-            fill["version"] = _free_version(Path(node.save_dir) / node.name, task)
+            # never write into an earlier run's log folder: task, else task_v1, task_v2, ...
+            fill["version"] = fresh_subdir(str(Path(node.save_dir) / node.name), task)
         loggers.append(build(node, **fill))
     return loggers
-
-
-def _free_version(folder: Path, task: str) -> str:
-    """Never write into an earlier run's log folder: ``task``, else ``task_v1``, ``task_v2``..."""
-    version, n = task, 0
-    while (folder / version).exists():
-        n += 1
-        version = f"{task}_v{n}"
-    return version
 
 
 def _callbacks(cfg: DictConfig, task: str, has_logger: bool = True) -> list[Any]:

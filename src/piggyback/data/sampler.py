@@ -13,6 +13,7 @@ epoch, and under DDP it replaces this sampler with a ``DistributedSampler`` seed
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
+from itertools import islice
 
 import torch
 from torch.utils.data import RandomSampler
@@ -41,10 +42,7 @@ class EpochSeededSampler(RandomSampler):
     def __iter__(self) -> Iterator[int]:
         order = super().__iter__()
         if self.skip is not None and self.skip[0] == self.epoch:
-            _, n = self.skip
-            self.skip = None
-            for _ in zip(range(n), order, strict=False):
-                pass
+            order, self.skip = islice(order, self.skip[1], None), None
         yield from order
 
 

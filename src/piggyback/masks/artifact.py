@@ -59,6 +59,11 @@ class PackedMask:
     kind: str = "binary"
     encoding: str = "bits"
 
+    def __post_init__(self) -> None:
+        # files and checkpoints written before the rename say "rle"; unknown names are left
+        # for unpack() to refuse
+        self.encoding = _RENAMED_ENCODINGS.get(self.encoding, self.encoding)
+
     @classmethod
     def from_mask(cls, mask: torch.Tensor, kind: str = "binary", encoding: str = "bits"):
         encoding = canonical_encoding(encoding)
@@ -75,12 +80,9 @@ class PackedMask:
     def unpack(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """The mask as a tensor of ``shape``; stored bytes that do not decode to exactly that
         shape raise :class:`ArtifactError` (whatever the bytes: the decoder is fuzzed)."""
-        try:
-            encoding = canonical_encoding(self.encoding)
-        except ValueError:
-            raise ArtifactError(
-                f"unknown mask encoding {self.encoding!r} (newer piggyback?)"
-            ) from None
+        encoding = self.encoding  # an old name was already renamed in __post_init__
+        if encoding not in MASK_ENCODINGS:
+            raise ArtifactError(f"unknown mask encoding {encoding!r} (newer piggyback?)")
         if self.kind not in ("binary", "ternary") or (encoding == "rice" and self.kind != "binary"):
             raise ArtifactError(f"a {self.kind!r} mask cannot use the {encoding!r} encoding")
         if encoding == "bits":
@@ -485,7 +487,7 @@ def artifact_from_parts(
             data=packed[name],
             shape=tuple(info["shape"]),
             kind=info["kind"],
-            encoding=_RENAMED_ENCODINGS.get(info["encoding"], info["encoding"]),
+            encoding=info["encoding"],
         )
         for name, info in meta["masks"].items()
     }
