@@ -1,18 +1,9 @@
-"""Mask storage (packing, task artifacts) and mask analysis."""
+"""Mask tensors: bit-packing, the ``rice`` codec, sparsity and overlap statistics, plots.
 
-from piggyback.masks.artifact import (
-    ArtifactError,
-    PackedMask,
-    TaskArtifact,
-    apply_artifact,
-    bn_state_dict,
-    check_fingerprint,
-    extract_artifact,
-    fingerprint,
-    load_artifact,
-    load_bn_state,
-    save_artifact,
-)
+Pure tensor functions; they know no model, file format or method. The stored forms of masks
+and tasks are in ``piggyback.formats``.
+"""
+
 from piggyback.masks.codec import compress_mask, compressed_bits_per_weight, decompress_mask
 from piggyback.masks.packing import mask_kind, pack_mask, packed_size, unpack_mask
 from piggyback.masks.stats import (
@@ -25,28 +16,17 @@ from piggyback.masks.stats import (
 )
 
 __all__ = [
-    "ArtifactError",
-    "PackedMask",
-    "TaskArtifact",
-    "apply_artifact",
     "compress_mask",
     "compressed_bits_per_weight",
     "decompress_mask",
     "fraction_changed_by_depth",
     "layer_sparsity",
+    "mask_kind",
     "overlap_matrix",
+    "pack_mask",
+    "packed_size",
     "pairwise_overlap",
     "task_sparsity_table",
     "total_sparsity",
-    "bn_state_dict",
-    "check_fingerprint",
-    "extract_artifact",
-    "fingerprint",
-    "load_artifact",
-    "load_bn_state",
-    "mask_kind",
-    "pack_mask",
-    "packed_size",
-    "save_artifact",
     "unpack_mask",
 ]

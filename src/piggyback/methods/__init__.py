@@ -1,36 +1,43 @@
 """Methods as small classes: Piggyback and the paper's baselines, one file each.
 
 ``build_method`` turns a config (``_target_``) or a registered name into an object;
-``method_class`` finds the class an artifact was written by.
+``method_class`` finds the class an artifact was written by; ``apply_artifact`` and
+``extract_artifact`` move a task between a backbone and its artifact.
 """
 
-from piggyback.methods.base import (
-    BN_MODES,
-    REGISTRY,
-    ArtifactParts,
-    Method,
-    TaskState,
-    bn_state_dict,
-    build_method,
-    method_class,
-)
+from piggyback.formats import ArtifactParts, bn_state_dict
+from piggyback.methods.base import BN_MODES, BN_TYPES, REGISTRY, Method
 from piggyback.methods.classifier_only import ClassifierOnly
 from piggyback.methods.finetune import Finetune, FinetuneSequential
+from piggyback.methods.hosts import InferenceHost, TaskState, TrainingHost
 from piggyback.methods.packnet import PackNet
 from piggyback.methods.piggyback import Piggyback
+from piggyback.methods.registry import (
+    apply_artifact,
+    artifact_method,
+    build_method,
+    extract_artifact,
+    method_class,
+)
 
 __all__ = [
     "BN_MODES",
+    "BN_TYPES",
     "REGISTRY",
     "ArtifactParts",
     "ClassifierOnly",
     "Finetune",
     "FinetuneSequential",
+    "InferenceHost",
     "Method",
     "PackNet",
     "Piggyback",
     "TaskState",
+    "TrainingHost",
+    "apply_artifact",
+    "artifact_method",
     "bn_state_dict",
     "build_method",
+    "extract_artifact",
     "method_class",
 ]

@@ -2,51 +2,33 @@
 
 A method decides which parameters train (in named groups), what a finished task stores,
 how a task is activated on the shared backbone, and how it travels in a task artifact. The
-``PiggybackModule``, artifacts, the multi-task model, training and evaluation ask the method
-object; none of them compares method names. Like an Avalanche plugin, a new method
-subclasses :class:`Method` and overrides only the hooks it needs; the class registers
+training module, the multi-task model, training and evaluation ask the method object; none
+of them compares method names. Hooks are typed against the small protocols of ``hosts``,
+never against the hosts' classes, which live in a higher layer. Like an Avalanche plugin, a
+new method subclasses :class:`Method` and overrides only the hooks it needs; the class registers
 itself under its ``name`` so that artifacts (which record the name) find it again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from piggyback.masks.artifact import bn_state_dict, load_bn_state
-
-if TYPE_CHECKING:  # pragma: no cover
-    from piggyback.masks.artifact import TaskArtifact
-    from piggyback.module import PiggybackModule
-    from piggyback.multitask import MultiTaskModel
+from piggyback.formats import (
+    ArtifactParts,
+    TaskArtifact,
+    bn_state_dict,
+    load_bn_state,
+    verify_backbone,
+)
+from piggyback.methods.hosts import InferenceHost, TaskState, TrainingHost
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
 BN_MODES = ("frozen", "train")
 REGISTRY: dict[str, type[Method]] = {}
-
-
-@dataclass
-class TaskState:
-    """A finished task as the module keeps it; ``stored`` is whatever its method saves."""
-
-    num_classes: int
-    class_names: list[str] | None = None
-    stored: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class ArtifactParts:
-    """The method-specific tensors of a task artifact (the head and metadata are common)."""
-
-    masks: dict[str, Any] = field(default_factory=dict)  # name -> PackedMask
-    bn_state: dict[str, torch.Tensor] = field(default_factory=dict)
-    weights: dict[str, torch.Tensor] = field(default_factory=dict)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-    extra_meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Method:
@@ -110,17 +92,17 @@ class Method:
         """Whether the backbone runs in eval mode under ``no_grad`` (features only)."""
         return False
 
-    def prepare_backbone(self, module: PiggybackModule, mask_options: Mapping[str, Any]) -> None:
+    def prepare_backbone(self, module: TrainingHost, mask_options: Mapping[str, Any]) -> None:
         """Called once after the pretrained backbone is built: mask it, set requires_grad."""
         self.freeze(module)
 
-    def freeze(self, module: PiggybackModule) -> None:
+    def freeze(self, module: TrainingHost) -> None:
         """Everything frozen except BN when the method trains it."""
         for sub in module.backbone.modules():
             for param in sub.parameters(recurse=False):
                 param.requires_grad_(self.trains_bn and isinstance(sub, BN_TYPES))
 
-    def param_groups(self, module: PiggybackModule) -> list[dict[str, Any]]:
+    def param_groups(self, module: TrainingHost) -> list[dict[str, Any]]:
         """Named optimizer groups (LR monitors show the names); empty groups are dropped."""
         groups = self.backbone_groups(module)
         groups.append(
@@ -128,7 +110,7 @@ class Method:
         )
         return [g for g in groups if g["params"]]
 
-    def backbone_groups(self, module: PiggybackModule) -> list[dict[str, Any]]:
+    def backbone_groups(self, module: TrainingHost) -> list[dict[str, Any]]:
         if not self.trains_bn:
             return []
         bns = [m for m in module.backbone.modules() if isinstance(m, BN_TYPES)]
@@ -136,45 +118,45 @@ class Method:
         return [{"name": "bn", "params": params, "lr": self.lr.get("bn", self.lr["head"])}]
 
     # ------------------------------------------------------------------ tasks
-    def start_task(self, module: PiggybackModule, task: str) -> None:
+    def start_task(self, module: TrainingHost, task: str) -> None:
         """A new task begins on the current backbone (pretrained BN by default)."""
         load_bn_state(module.backbone, module.pretrained_bn)
 
-    def store_task(self, module: PiggybackModule, state: TaskState) -> None:
+    def store_task(self, module: TrainingHost, state: TaskState) -> None:
         """Keep what the finished current task needs to be activated again."""
         if self.trains_bn:
             state.stored["bn_state"] = bn_state_dict(module.backbone)
 
-    def activate_task(self, module: PiggybackModule, state: TaskState) -> None:
+    def activate_task(self, module: TrainingHost, state: TaskState) -> None:
         """Make the backbone compute a stored task."""
         load_bn_state(module.backbone, state.stored.get("bn_state") or module.pretrained_bn)
 
     # ------------------------------------------------------- training hooks
-    def on_train_epoch_start(self, module: PiggybackModule) -> None:
+    def on_train_epoch_start(self, module: TrainingHost) -> None:
         """Per-epoch hook (PackNet prunes here)."""
 
-    def on_train_batch_end(self, module: PiggybackModule) -> None:
+    def on_train_batch_end(self, module: TrainingHost) -> None:
         """After each optimizer step of the current task."""
 
-    def on_after_backward(self, module: PiggybackModule) -> None:
+    def on_after_backward(self, module: TrainingHost) -> None:
         """Gradient hook (PackNet keeps earlier tasks' weights out of the update)."""
 
-    def on_train_end(self, module: PiggybackModule) -> None:
+    def on_train_end(self, module: TrainingHost) -> None:
         """End of a task's training (PackNet prunes here when no retraining is left)."""
 
-    def epoch_metrics(self, module: PiggybackModule) -> dict[str, float]:
+    def epoch_metrics(self, module: TrainingHost) -> dict[str, float]:
         """Extra scalars logged at the end of each training epoch."""
         return {}
 
-    def checkpoint_state(self, module: PiggybackModule) -> dict[str, Any]:
+    def checkpoint_state(self, module: TrainingHost) -> dict[str, Any]:
         """Method state that a Lightning checkpoint must carry beyond the state dict."""
         return {}
 
-    def load_checkpoint_state(self, module: PiggybackModule, state: dict[str, Any]) -> None:
+    def load_checkpoint_state(self, module: TrainingHost, state: dict[str, Any]) -> None:
         """Inverse of :meth:`checkpoint_state`."""
 
     # --------------------------------------------------------------- artifacts
-    def export(self, module: PiggybackModule, encoding: str) -> ArtifactParts:
+    def export(self, module: TrainingHost, encoding: str) -> ArtifactParts:
         """The tensors of the current task's artifact (besides its head)."""
         bn = bn_state_dict(module.backbone) if self.trains_bn else {}
         return ArtifactParts(bn_state=bn)
@@ -194,56 +176,21 @@ class Method:
 
     # ------------------------------------------------------ multi-task model
     @classmethod
-    def attach(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+    def attach(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         """Prepare ``model`` to hold ``artifact`` (called once when the task is added)."""
 
     @classmethod
-    def activate(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+    def activate(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         """Switch ``model``'s shared backbone to ``artifact``'s task."""
-        from piggyback.masks.artifact import apply_artifact
-
-        apply_artifact(
+        verify_backbone(
             model.backbone,
             artifact,
             backbone_fingerprint=model.fingerprint,
             pretrained_bn=model.pretrained_bn,
         )
+        cls.apply(model.backbone, artifact, model.pretrained_bn)
 
     @classmethod
-    def network(cls, model: MultiTaskModel, task: str) -> nn.Module:
+    def network(cls, model: InferenceHost, task: str) -> nn.Module:
         """The network that computes ``task``'s features in ``model``."""
         return model.backbone
-
-
-def method_class(name: str) -> type[Method]:
-    """The registered method class of ``name`` (as recorded in artifacts)."""
-    import piggyback.methods  # noqa: F401  (registers the built-in methods)
-
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)}") from None
-
-
-def build_method(spec: str | Mapping[str, Any] | Method, **overrides: Any) -> Method:
-    """A method object from a registered name, a ``_target_`` config, or an object."""
-    if isinstance(spec, Method):
-        return spec
-    if isinstance(spec, str):
-        return method_class(spec)(**overrides)
-    options = {k: v for k, v in dict(spec).items() if v is not None}
-    options.update(overrides)
-    target = options.pop("_target_", None)
-    if target is None:
-        return method_class(options.pop("name", "piggyback"))(**options)
-    from hydra.errors import InstantiationException
-
-    from piggyback.instantiate import build
-
-    try:
-        return build({"_target_": target, "_recursive_": False, **options})
-    except InstantiationException as exc:  # a bad option: the method's own message
-        cause = exc.__cause__
-        if isinstance(cause, ValueError | TypeError):
-            raise ValueError(f"method {target}: {cause}") from None
-        raise

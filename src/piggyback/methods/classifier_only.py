@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from piggyback.formats import TaskArtifact
 from piggyback.methods.base import Method
-
-if TYPE_CHECKING:  # pragma: no cover
-    from piggyback.masks.artifact import TaskArtifact
+from piggyback.nn import masked_weights
 
 
 class ClassifierOnly(Method):
@@ -35,8 +33,6 @@ class ClassifierOnly(Method):
         pretrained_bn: Mapping[str, torch.Tensor] | None,
     ) -> None:
         """The pretrained network: masks (if another task masked this backbone) all ones."""
-        from piggyback.nn import masked_weights
-
         for _, mask in masked_weights(backbone):
             mask.reset_mask("1s", 1.0)
         super().apply(backbone, artifact, pretrained_bn)

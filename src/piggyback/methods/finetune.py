@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from piggyback.formats import ArtifactError, TaskArtifact
 from piggyback.methods.base import ArtifactParts, Method, TaskState
-
-if TYPE_CHECKING:  # pragma: no cover
-    from piggyback.masks.artifact import TaskArtifact
-    from piggyback.module import PiggybackModule
-    from piggyback.multitask import MultiTaskModel
+from piggyback.methods.hosts import InferenceHost, TrainingHost
 
 
 class Finetune(Method):
@@ -27,10 +24,10 @@ class Finetune(Method):
     def __init__(self, *, bn: str = "train", **options: Any) -> None:
         super().__init__(bn=bn, **options)
 
-    def freeze(self, module: PiggybackModule) -> None:
+    def freeze(self, module: TrainingHost) -> None:
         module.backbone.requires_grad_(True)
 
-    def param_groups(self, module: PiggybackModule) -> list[dict[str, Any]]:
+    def param_groups(self, module: TrainingHost) -> list[dict[str, Any]]:
         lr = self.lr.get("backbone", self.lr.get("head"))
         backbone = [p for p in module.backbone.parameters() if p.requires_grad]
         head = list(module.head.parameters())
@@ -40,16 +37,16 @@ class Finetune(Method):
         ]
         return [g for g in groups if g["params"]]
 
-    def start_task(self, module: PiggybackModule, task: str) -> None:
+    def start_task(self, module: TrainingHost, task: str) -> None:
         """The network keeps its current weights (the pretrained ones for a first task)."""
 
-    def store_task(self, module: PiggybackModule, state: TaskState) -> None:
+    def store_task(self, module: TrainingHost, state: TaskState) -> None:
         """Nothing: the network itself is the task (and moves on with the next one)."""
 
-    def activate_task(self, module: PiggybackModule, state: TaskState) -> None:
+    def activate_task(self, module: TrainingHost, state: TaskState) -> None:
         """Nothing to swap: every task runs on the network as it is now."""
 
-    def export(self, module: PiggybackModule, encoding: str) -> ArtifactParts:
+    def export(self, module: TrainingHost, encoding: str) -> ArtifactParts:
         weights = {k: v.detach().clone() for k, v in module.backbone.state_dict().items()}
         return ArtifactParts(weights=weights)
 
@@ -60,8 +57,6 @@ class Finetune(Method):
         artifact: TaskArtifact,
         pretrained_bn: Mapping[str, torch.Tensor] | None,
     ) -> None:
-        from piggyback.masks.artifact import ArtifactError
-
         try:
             backbone.load_state_dict(artifact.weights)
         except RuntimeError as exc:
@@ -70,15 +65,15 @@ class Finetune(Method):
             ) from None
 
     @classmethod
-    def attach(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+    def attach(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         model.finetuned[artifact.task] = model.separate_network(artifact)
 
     @classmethod
-    def activate(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+    def activate(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         """Each fine-tuned task has its own network: nothing to switch."""
 
     @classmethod
-    def network(cls, model: MultiTaskModel, task: str) -> nn.Module:
+    def network(cls, model: InferenceHost, task: str) -> nn.Module:
         return model.finetuned[task]
 
 

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from piggyback.formats import ArtifactError, TaskArtifact
 from piggyback.methods.base import BN_TYPES, ArtifactParts, Method, TaskState
-
-if TYPE_CHECKING:  # pragma: no cover
-    from piggyback.masks.artifact import TaskArtifact
-    from piggyback.module import PiggybackModule
-    from piggyback.multitask import MultiTaskModel
+from piggyback.methods.hosts import InferenceHost, TrainingHost
+from piggyback.nn import mask_model, masked_weights
 
 FREE = 255
 """Owner code of a pruned weight that no task owns (yet)."""
@@ -92,9 +90,7 @@ class PackNet(Method):
         self.pruned: set[str] = set()
 
     # ------------------------------------------------------------ the backbone
-    def prepare_backbone(self, module: PiggybackModule, mask_options: Mapping[str, Any]) -> None:
-        from piggyback.nn import mask_model, masked_weights
-
+    def prepare_backbone(self, module: TrainingHost, mask_options: Mapping[str, Any]) -> None:
         options = {k: mask_options[k] for k in ("target", "exclude") if k in mask_options}
         mask_model(module.backbone, **options)
         self.owners = {
@@ -103,9 +99,7 @@ class PackNet(Method):
         }
         self.freeze(module)
 
-    def freeze(self, module: PiggybackModule) -> None:
-        from piggyback.nn import masked_weights
-
+    def freeze(self, module: TrainingHost) -> None:
         module.backbone.requires_grad_(False)
         for _, mask in masked_weights(module.backbone):
             mask.weight.requires_grad_(True)  # trained through the fixed owner mask
@@ -114,9 +108,7 @@ class PackNet(Method):
                 if isinstance(sub, BN_TYPES):
                     sub.requires_grad_(True)
 
-    def backbone_groups(self, module: PiggybackModule) -> list[dict[str, Any]]:
-        from piggyback.nn import masked_weights
-
+    def backbone_groups(self, module: TrainingHost) -> list[dict[str, Any]]:
         weights = [mask.weight for _, mask in masked_weights(module.backbone)]
         lr = self.lr["backbone"]
         # No weight decay: it would move weights that earlier tasks own.
@@ -130,23 +122,19 @@ class PackNet(Method):
     @torch.no_grad()
     def _set_masks(self, module_or_net: nn.Module, index: int) -> None:
         """Task ``index`` sees the weights of tasks ``0..index`` (free ones are 255)."""
-        from piggyback.nn import masked_weights
-
         for name, mask in masked_weights(module_or_net):
             mask.set_mask((self.owners[name] <= index).to(mask.mask_real.device))
 
     @torch.no_grad()
-    def _free(self, module: PiggybackModule, owner: int, fraction: float) -> None:
+    def _free(self, module: TrainingHost, owner: int, fraction: float) -> None:
         """Prune ``fraction`` of ``owner``'s weights, per layer, by magnitude: zero and free."""
-        from piggyback.nn import masked_weights
-
         for name, mask in masked_weights(module.backbone):
             owned = self.owners[name] == owner
             pruned = _prune_smallest(mask.weight.cpu(), owned, fraction)
             self.owners[name][pruned] = FREE
             mask.weight[pruned.to(mask.weight.device)] = 0.0
 
-    def start_task(self, module: PiggybackModule, task: str) -> None:
+    def start_task(self, module: TrainingHost, task: str) -> None:
         self.order.append(task)
         index = self._index(task)
         if index == 1 and self.initial_prune > 0:
@@ -157,24 +145,22 @@ class PackNet(Method):
         self._set_masks(module.backbone, index)
         super().start_task(module, task)
 
-    def on_train_epoch_start(self, module: PiggybackModule) -> None:
+    def on_train_epoch_start(self, module: TrainingHost) -> None:
         """Prune the current task when only its retraining epochs are left."""
         trainer = module.trainer
         last = (trainer.max_epochs or 1) - self.retrain_epochs
         if module.task not in self.pruned and trainer.current_epoch >= max(last, 0):
             self.prune_current(module)
 
-    def on_after_backward(self, module: PiggybackModule) -> None:
+    def on_after_backward(self, module: TrainingHost) -> None:
         """Only the current task's weights learn; earlier tasks' stay exactly as they were."""
-        from piggyback.nn import masked_weights
-
         index = self._index(module.task)
         for name, mask in masked_weights(module.backbone):
             grad = mask.weight.grad
             if grad is not None:
                 grad.mul_((self.owners[name] == index).to(grad.device, grad.dtype))
 
-    def prune_current(self, module: PiggybackModule) -> None:
+    def prune_current(self, module: TrainingHost) -> None:
         if module.task in self.pruned:
             return
         index = self._index(module.task)
@@ -182,40 +168,36 @@ class PackNet(Method):
         self._set_masks(module.backbone, index)
         self.pruned.add(module.task)
 
-    def on_train_end(self, module: PiggybackModule) -> None:
+    def on_train_end(self, module: TrainingHost) -> None:
         self.prune_current(module)  # no retraining epochs were left: prune now
         self._zero_free(module)  # momentum may have nudged pruned weights after pruning
 
     @torch.no_grad()
-    def _zero_free(self, module: PiggybackModule) -> None:
-        from piggyback.nn import masked_weights
-
+    def _zero_free(self, module: TrainingHost) -> None:
         for name, mask in masked_weights(module.backbone):
             mask.weight[(self.owners[name] == FREE).to(mask.weight.device)] = 0.0
 
-    def activate_task(self, module: PiggybackModule, state: TaskState) -> None:
+    def activate_task(self, module: TrainingHost, state: TaskState) -> None:
         self._set_masks(module.backbone, self._index(module.task))
         super().activate_task(module, state)
 
-    def epoch_metrics(self, module: PiggybackModule) -> dict[str, float]:
+    def epoch_metrics(self, module: TrainingHost) -> dict[str, float]:
         total = sum(o.numel() for o in self.owners.values())
         free = sum(int((o == FREE).sum()) for o in self.owners.values())
         own = sum(int((o == self._index(module.task)).sum()) for o in self.owners.values())
         return {"packnet/free": free / total, "packnet/owned": own / total}
 
-    def checkpoint_state(self, module: PiggybackModule) -> dict[str, Any]:
+    def checkpoint_state(self, module: TrainingHost) -> dict[str, Any]:
         return {"owners": self.owners, "order": self.order, "pruned": sorted(self.pruned)}
 
-    def load_checkpoint_state(self, module: PiggybackModule, state: dict[str, Any]) -> None:
+    def load_checkpoint_state(self, module: TrainingHost, state: dict[str, Any]) -> None:
         self.owners = state["owners"]
         self.order = list(state["order"])
         self.pruned = set(state["pruned"])
 
     # --------------------------------------------------------------- artifacts
-    def export(self, module: PiggybackModule, encoding: str) -> ArtifactParts:
+    def export(self, module: TrainingHost, encoding: str) -> ArtifactParts:
         """Owner index (packed) + the values of the weights this task owns, + BN if trained."""
-        from piggyback.nn import masked_weights
-
         self.prune_current(module)
         index = self._index(module.task)
         bits = owner_bits(index)
@@ -256,22 +238,17 @@ class PackNet(Method):
         artifact: TaskArtifact,
         pretrained_bn: Mapping[str, torch.Tensor] | None,
     ) -> None:
-        from piggyback.masks.artifact import ArtifactError
-
         raise ArtifactError(
             f"PackNet task {artifact.task!r} cannot be applied to an untouched backbone: its "
             "weights are the pretrained ones pruned and retrained by every task before it "
             f"({artifact.extra_meta.get('previous_tasks')}). Load the whole sequence in "
-            "order: MultiTaskModel.from_artifacts([...]) or evaluate.py on the run's artifacts."
+            "order: InferenceHost.from_artifacts([...]) or evaluate.py on the run's artifacts."
         )
 
     # ------------------------------------------------------ multi-task model
     @classmethod
-    def attach(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+    def attach(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         """Add task ``t``'s weights to the model's one PackNet network (tasks in order)."""
-        from piggyback.masks.artifact import ArtifactError
-        from piggyback.nn import mask_model, masked_weights
-
         state = model.method_state.setdefault(cls.name, {"tasks": []})
         expected = artifact.extra_meta["previous_tasks"]
         if state["tasks"] != expected:
@@ -296,9 +273,7 @@ class PackNet(Method):
         state.setdefault("owners", {})[artifact.task] = owners
 
     @classmethod
-    def activate(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
-        from piggyback.nn import masked_weights
-
+    def activate(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         net = model.method_networks[cls.name]
         owners = model.method_state[cls.name]["owners"][artifact.task]
         index = artifact.extra_meta["index"]
@@ -308,5 +283,5 @@ class PackNet(Method):
         Method.apply(net, artifact, model.pretrained_bn)
 
     @classmethod
-    def network(cls, model: MultiTaskModel, task: str) -> nn.Module:
+    def network(cls, model: InferenceHost, task: str) -> nn.Module:
         return model.method_networks[cls.name]

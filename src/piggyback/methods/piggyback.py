@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from piggyback.formats import TaskArtifact, load_masks, pack_model_masks
+from piggyback.masks.stats import layer_sparsity, total_sparsity
 from piggyback.methods.base import BN_TYPES, ArtifactParts, Method, TaskState
-
-if TYPE_CHECKING:  # pragma: no cover
-    from piggyback.masks.artifact import TaskArtifact
-    from piggyback.module import PiggybackModule
-    from piggyback.multitask import MultiTaskModel
+from piggyback.methods.hosts import InferenceHost, TrainingHost
+from piggyback.nn import get_masks, mask_model, mask_parameters, masked_weights, reset_masks
 
 
 class Piggyback(Method):
@@ -22,13 +21,11 @@ class Piggyback(Method):
     name = "piggyback"
     default_lr = {"masks": 1e-4, "head": 1e-4, "bn": 1e-4}
 
-    def prepare_backbone(self, module: PiggybackModule, mask_options: Mapping[str, Any]) -> None:
-        from piggyback.nn import mask_model
-
+    def prepare_backbone(self, module: TrainingHost, mask_options: Mapping[str, Any]) -> None:
         mask_model(module.backbone, **mask_options)
         self.freeze(module)
 
-    def freeze(self, module: PiggybackModule) -> None:
+    def freeze(self, module: TrainingHost) -> None:
         for sub in module.backbone.modules():
             for pname, param in sub.named_parameters(recurse=False):
                 if pname == "mask_real":
@@ -36,55 +33,42 @@ class Piggyback(Method):
                 else:
                     param.requires_grad_(self.trains_bn and isinstance(sub, BN_TYPES))
 
-    def backbone_groups(self, module: PiggybackModule) -> list[dict[str, Any]]:
-        from piggyback.nn import mask_parameters
-
+    def backbone_groups(self, module: TrainingHost) -> list[dict[str, Any]]:
         masks = {"name": "masks", "params": list(mask_parameters(module.backbone))}
         masks["lr"] = self.lr["masks"]
         return [masks, *super().backbone_groups(module)]
 
     # ------------------------------------------------------------------ tasks
-    def start_task(self, module: PiggybackModule, task: str) -> None:
-        from piggyback.nn import reset_masks
-
+    def start_task(self, module: TrainingHost, task: str) -> None:
         reset_masks(module.backbone, module.mask_cfg["mask_init"], module.mask_cfg["mask_scale"])
         super().start_task(module, task)
 
     @staticmethod
-    def _versions(module: PiggybackModule) -> list[int]:
-        from piggyback.nn import masked_weights
-
+    def _versions(module: TrainingHost) -> list[int]:
         return [mask.mask_real._version for _, mask in masked_weights(module.backbone)]
 
-    def on_train_batch_end(self, module: PiggybackModule) -> None:
+    def on_train_batch_end(self, module: TrainingHost) -> None:
         # A fused optimizer updates mask_real in place without bumping its version counter,
         # so a training step must mark the packed copy stale explicitly.
         module.tasks[module.task].stored.pop("versions", None)
 
-    def store_task(self, module: PiggybackModule, state: TaskState) -> None:
+    def store_task(self, module: TrainingHost, state: TaskState) -> None:
         """Pack the masks (1 bit per weight), skipping the work when nothing changed (no
         training step and no in-place write since the last pack)."""
-        from piggyback.masks.artifact import pack_model_masks
-
         versions = self._versions(module)
         if "masks" not in state.stored or state.stored.get("versions") != versions:
             state.stored["masks"] = pack_model_masks(module.backbone)
             state.stored["versions"] = versions
         super().store_task(module, state)
 
-    def activate_task(self, module: PiggybackModule, state: TaskState) -> None:
-        from piggyback.nn import masked_weights
-
+    def activate_task(self, module: TrainingHost, state: TaskState) -> None:
         packed = state.stored["masks"]
         for name, mask in masked_weights(module.backbone):
             mask.set_mask(packed[name].unpack(dtype=None))
         super().activate_task(module, state)
         state.stored["versions"] = self._versions(module)
 
-    def epoch_metrics(self, module: PiggybackModule) -> dict[str, float]:
-        from piggyback.masks.stats import layer_sparsity, total_sparsity
-        from piggyback.nn import get_masks
-
+    def epoch_metrics(self, module: TrainingHost) -> dict[str, float]:
         masks = get_masks(module.backbone)
         metrics = {"masks/zeros": total_sparsity(masks)}
         if module.log_layer_sparsity:
@@ -93,9 +77,7 @@ class Piggyback(Method):
         return metrics
 
     # --------------------------------------------------------------- artifacts
-    def export(self, module: PiggybackModule, encoding: str) -> ArtifactParts:
-        from piggyback.masks.artifact import pack_model_masks
-
+    def export(self, module: TrainingHost, encoding: str) -> ArtifactParts:
         parts = super().export(module, encoding)
         parts.masks = pack_model_masks(module.backbone, encoding)
         if not parts.masks:
@@ -109,19 +91,15 @@ class Piggyback(Method):
         artifact: TaskArtifact,
         pretrained_bn: Mapping[str, torch.Tensor] | None,
     ) -> None:
-        from piggyback.masks.artifact import load_masks
-
-        load_masks(backbone, artifact)
+        load_masks(backbone, artifact.masks, artifact.task)
         super().apply(backbone, artifact, pretrained_bn)
 
     @classmethod
-    def attach(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
+    def attach(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         model.ensure_masked(artifact)
 
     @classmethod
-    def activate(cls, model: MultiTaskModel, artifact: TaskArtifact) -> None:
-        from piggyback.nn import masked_weights
-
+    def activate(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         for _, mask in masked_weights(model.backbone):  # binary and ternary tasks may mix
             mask.threshold, mask.threshold_fn = artifact.threshold, artifact.threshold_fn
         super().activate(model, artifact)

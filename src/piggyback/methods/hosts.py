@@ -1,0 +1,61 @@
+"""What a method's hooks may use of the objects that host it, as structural types.
+
+A method is called by two hosts: the LightningModule that trains tasks
+(``piggyback.module.PiggybackModule``) and the multi-task inference model
+(``piggyback.multitask.MultiTaskModel``). Both sit above the methods layer, so a method never
+imports their classes; it is typed against these protocols, which name exactly the small
+objects it touches (the backbone, the current head, the task states, ...). Anything that has
+these attributes can host a method: a test double, or a ``SimpleNamespace`` for exporting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from piggyback.formats import TaskArtifact
+
+
+@dataclass
+class TaskState:
+    """A finished task as the module keeps it; ``stored`` is whatever its method saves."""
+
+    num_classes: int
+    class_names: list[str] | None = None
+    stored: dict[str, Any] = field(default_factory=dict)
+
+
+class TrainingHost(Protocol):
+    """The training side: one backbone, the task being learned and the tasks learned so far."""
+
+    backbone: nn.Module
+    pretrained_bn: Mapping[str, torch.Tensor]
+    mask_cfg: Mapping[str, Any]
+    tasks: dict[str, TaskState]
+    task: str | None
+    log_layer_sparsity: bool
+
+    @property
+    def head(self) -> nn.Module: ...
+
+    @property
+    def trainer(self) -> Any: ...  # the Lightning Trainer (epochs; PackNet's prune schedule)
+
+
+class InferenceHost(Protocol):
+    """The inference side: the shared backbone plus room for what a method keeps per model."""
+
+    backbone: nn.Module
+    fingerprint: str
+    pretrained_bn: Mapping[str, torch.Tensor]
+    finetuned: nn.ModuleDict  # fine-tuned tasks: one network each
+    method_networks: nn.ModuleDict  # networks a method shares between its tasks (PackNet)
+    method_state: dict[str, Any]
+
+    def ensure_masked(self, artifact: TaskArtifact) -> None: ...
+
+    def separate_network(self, artifact: TaskArtifact | None) -> nn.Module: ...
