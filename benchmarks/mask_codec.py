@@ -103,7 +103,7 @@ def main() -> None:
         bench(f"iid {100 * p:.0f}% zeros", iid_masks(shapes, p, rng), args.repeats)
     bench("realistic 1%->30% by depth", realistic_masks(shapes, rng), args.repeats)
     for path in args.artifact:
-        from piggyback.masks import load_artifact
+        from piggyback.formats import load_artifact
 
         artifact = load_artifact(path)
         masks = [m.bool() for m in artifact.unpacked_masks().values()]

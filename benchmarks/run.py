@@ -350,7 +350,8 @@ def bench_inference(args: argparse.Namespace) -> None:
 
 # -------------------------------------------------------------- task switch + artifacts
 def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
-    from piggyback.masks.artifact import apply_artifact, load_artifact, save_artifact
+    from piggyback.formats import load_artifact, save_artifact
+    from piggyback.methods import apply_artifact
     from piggyback.module import PiggybackModule
     from piggyback.nn.convert import get_masks
 

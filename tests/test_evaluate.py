@@ -15,8 +15,9 @@ from omegaconf import open_dict
 from piggyback.backbones import build_backbone
 from piggyback.data import DigitsDataModule
 from piggyback.evaluate import evaluate, find_artifact_files, load_entries, run
-from piggyback.masks.artifact import apply_artifact, extract_artifact, load_artifact, save_artifact
+from piggyback.formats import load_artifact, save_artifact
 from piggyback.masks.stats import total_sparsity
+from piggyback.methods import apply_artifact, extract_artifact
 from piggyback.metrics import decathlon_domain_scores, decathlon_score
 from piggyback.multitask import state_bytes
 from piggyback.nn.convert import mask_model

@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from piggyback.backbones import build_backbone
-from piggyback.masks.artifact import (
-    ArtifactError,
-    apply_artifact,
-    bn_state_dict,
-    extract_artifact,
-    save_artifact,
-)
+from piggyback.formats import ArtifactError, bn_state_dict, save_artifact
+from piggyback.methods import apply_artifact, extract_artifact
 from piggyback.module import PiggybackModule
 from piggyback.multitask import (
     MultiTaskModel,
@@ -232,7 +227,7 @@ def test_format_1_bundle_still_loads(module, artifacts, pretrained, tmp_path):
     """Bundles written before masks were named by parameter keep loading, same predictions."""
     from safetensors import safe_open
 
-    from piggyback.masks.artifact import legacy_fingerprint, read_checked_file, write_checked_file
+    from piggyback.formats import legacy_fingerprint, read_checked_file, write_checked_file
     from piggyback.multitask import BUNDLE_FORMAT
 
     model = MultiTaskModel.from_artifacts(artifacts.values(), copy.deepcopy(pretrained.model))

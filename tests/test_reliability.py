@@ -174,7 +174,7 @@ def test_signal_saves_checkpoint_and_exits_with_the_shell_code(
 
 
 def _bad_version_file(path: Path) -> Path:
-    from piggyback.masks.artifact import ARTIFACT_FORMAT, write_checked_file
+    from piggyback.formats import ARTIFACT_FORMAT, write_checked_file
 
     return write_checked_file(
         path, {"x": torch.zeros(1)}, {}, file_format=ARTIFACT_FORMAT, version="v2x"
@@ -182,7 +182,7 @@ def _bad_version_file(path: Path) -> Path:
 
 
 def test_artifact_with_non_numeric_version_is_an_artifact_error(tmp_path):
-    from piggyback.masks import ArtifactError, load_artifact
+    from piggyback.formats import ArtifactError, load_artifact
 
     path = _bad_version_file(tmp_path / "t.safetensors")
     with pytest.raises(ArtifactError) as info:

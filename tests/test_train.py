@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from piggyback.masks import load_artifact
+from piggyback.formats import load_artifact
 from piggyback.nn import get_masks
 from piggyback.train import train
 from piggyback.validate import ConfigError

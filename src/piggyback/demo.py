@@ -17,6 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from piggyback.data.digits import load_digits_tensors
+from piggyback.nets.small_cnn import small_cnn
+
 log = logging.getLogger(__name__)
 
 PRETRAIN_RECIPE = {"variant": "base", "epochs": 12, "lr": 3e-3, "batch_size": 64, "seed": 0}
@@ -32,9 +35,6 @@ def _recipe_key() -> str:
 
 def pretrain_small_cnn() -> tuple[dict[str, torch.Tensor], float]:
     """Train the small CNN on the base digits task; returns its state and test accuracy."""
-    from piggyback.data.digits import load_digits_tensors
-    from piggyback.nets.small_cnn import small_cnn
-
     recipe = PRETRAIN_RECIPE
     generator = torch.Generator().manual_seed(recipe["seed"])
     torch.manual_seed(recipe["seed"])

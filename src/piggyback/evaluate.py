@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -33,8 +34,8 @@ from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from piggyback.backbones import build_backbone
+from piggyback.formats import ArtifactError, TaskArtifact, load_artifact
 from piggyback.instantiate import build
-from piggyback.masks.artifact import ArtifactError, TaskArtifact, load_artifact
 from piggyback.masks.stats import total_sparsity
 from piggyback.metrics import decathlon_domain_scores, decathlon_score, is_decathlon_task
 from piggyback.multitask import MultiTaskModel, save_bundle
@@ -51,6 +52,7 @@ from piggyback.report import (
     safe_name,
     write_csv,
 )
+from piggyback.resolvers import register_resolvers
 from piggyback.train import CONF_DIR, USER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -588,10 +590,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def main() -> None:
-    import hydra
-
-    from piggyback.resolvers import register_resolvers
-
     register_resolvers()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")

@@ -13,19 +13,20 @@ from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from piggyback.backbones import build_backbone
-from piggyback.instantiate import build
-from piggyback.masks.artifact import (
+from piggyback.formats import (
     PackedMask,
     TaskArtifact,
     artifact_from_model,
     bn_state_dict,
     fingerprint,
 )
+from piggyback.instantiate import build
 from piggyback.methods import Method, TaskState, build_method
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -43,13 +44,8 @@ DEFAULT_MASK = {
 
 def _plain(value: Any) -> Any:
     """Hydra DictConfig/ListConfig -> builtins, so hparams pickle and load with weights_only."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
     return value
 
 

@@ -18,6 +18,7 @@ itself, e.g. ~94 MB for ResNet-50) and, once loaded, a full network's memory.
 
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import re
@@ -29,31 +30,27 @@ import torch
 from torch import nn
 
 from piggyback.backbones import BackboneError, build_backbone
-from piggyback.masks.artifact import (
-    ARTIFACT_FORMAT,
+from piggyback.formats import (
+    BUNDLE_FORMAT,
     FINGERPRINT_SCHEME,
     ArtifactError,
     TaskArtifact,
-    apply_artifact,
-    artifact_from_parts,
-    artifact_meta,
-    artifact_tensors,
     bn_state_dict,
-    check_fingerprint,
     fingerprint,
-    fingerprint_for,
     legacy_fingerprint,
     load_artifact,
     load_bn_state,
-    read_checked_file,
-    write_checked_file,
+    read_bundle,
+    verify_backbone,
+    write_bundle,
 )
-from piggyback.methods import method_class
+from piggyback.methods import apply_artifact, artifact_method
 from piggyback.nn.convert import (
     MaskingError,
     frozen_state_dict,
     mask_model,
     masked_weights,
+    unmask_model,
     weight_names,
 )
 
@@ -69,9 +66,6 @@ __all__ = [
     "state_bytes",
     "storage_summary",
 ]
-
-BUNDLE_FORMAT = "piggyback-bundle"
-BUNDLE_VERSION = 2  # v2: parameter-named masks, state fingerprint; v1 still loads
 
 
 # ------------------------------------------------------------------------- helpers
@@ -247,10 +241,6 @@ class MultiTaskModel(nn.Module):
 
         With an artifact, that artifact is applied to it (its weights loaded).
         """
-        import copy
-
-        from piggyback.nn import unmask_model
-
         net = unmask_model(copy.deepcopy(self.backbone))
         load_bn_state(net, self.pretrained_bn)
         if artifact is not None:
@@ -265,16 +255,13 @@ class MultiTaskModel(nn.Module):
         """
         if not isinstance(artifact, TaskArtifact):
             artifact = load_artifact(artifact)
-        try:
-            method = method_class(artifact.method)
-        except ValueError as exc:
-            raise ArtifactError(f"task {artifact.task!r}: {exc} (newer piggyback?)") from None
+        method = artifact_method(artifact)
         if artifact.task in self._artifacts and not replace:
             raise ArtifactError(
                 f"task {artifact.task!r} is already in this model; pass replace=True to swap "
                 "it, or keep the two versions in separate models"
             )
-        check_fingerprint(artifact, fingerprint_for(artifact, self.backbone, self.fingerprint))
+        verify_backbone(self.backbone, artifact, backbone_fingerprint=self.fingerprint)
         if artifact.task in self.finetuned:
             del self.finetuned[artifact.task]
         method.attach(self, artifact)
@@ -305,7 +292,7 @@ class MultiTaskModel(nn.Module):
         self.task = task
         if self._loaded == task:
             return
-        method_class(artifact.method).activate(self, artifact)
+        artifact_method(artifact).activate(self, artifact)
         self._loaded = task
 
     # -------------------------------------------------------------- inference
@@ -317,7 +304,7 @@ class MultiTaskModel(nn.Module):
             raise RuntimeError(
                 f"no task selected: call model(x, task=...) with one of {self.tasks}"
             )
-        net = method_class(self.artifact(self.task).method).network(self, self.task)
+        net = artifact_method(self.artifact(self.task)).network(self, self.task)
         return self.heads[self.task](net(x))
 
     @torch.no_grad()
@@ -391,23 +378,12 @@ def save_bundle(model: MultiTaskModel, path: str | os.PathLike, *, overwrite: bo
     Refuses to replace an existing file unless ``overwrite``. A SHA-256 digest over metadata
     and tensors lets :func:`load_bundle` reject damaged files.
     """
-    tensors = {f"backbone/{k}": v for k, v in model.pretrained_state().items()}
-    tasks_meta = []
-    for i, task in enumerate(model.tasks):
-        artifact = model.artifact(task)
-        tensors.update({f"task{i}/{k}": v for k, v in artifact_tensors(artifact).items()})
-        tasks_meta.append(artifact_meta(artifact))
-    meta = {
-        "backbone": model.backbone_name,
-        "fingerprint": model.fingerprint,
-        "tasks": tasks_meta,
-    }
-    return write_checked_file(
+    return write_bundle(
         path,
-        tensors,
-        meta,
-        file_format=BUNDLE_FORMAT,
-        version=BUNDLE_VERSION,
+        backbone_name=model.backbone_name,
+        backbone_fingerprint=model.fingerprint,
+        backbone_state=model.pretrained_state(),
+        artifacts=[model.artifact(task) for task in model.tasks],
         overwrite=overwrite,
     )
 
@@ -416,15 +392,8 @@ def load_bundle(
     path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
 ) -> MultiTaskModel:
     """Rebuild the multi-task model from a bundle; no download, no pickle."""
-    meta, tensors = read_checked_file(
-        path,
-        file_format=BUNDLE_FORMAT,
-        version=BUNDLE_VERSION,
-        what="multi-task bundle",
-        format_hints={ARTIFACT_FORMAT: " (it is a single task artifact: use load_artifact)"},
-    )
+    meta, state, artifacts = read_bundle(path)
     backbone = build_backbone(meta["backbone"], weights=None).model
-    state = {k[len("backbone/") :]: v for k, v in tensors.items() if k.startswith("backbone/")}
     try:
         backbone.load_state_dict(state)
     except RuntimeError as exc:
@@ -441,8 +410,6 @@ def load_bundle(
     )
     if current != recorded:
         raise ArtifactError(f"{path}: backbone weights do not match the recorded fingerprint")
-    for i, task_meta in enumerate(meta["tasks"]):
-        prefix = f"task{i}/"
-        parts = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        model.add_task(artifact_from_parts(task_meta, parts))
+    for artifact in artifacts:
+        model.add_task(artifact)
     return model

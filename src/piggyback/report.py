@@ -80,7 +80,7 @@ def log_to_loggers(cfg: DictConfig, result: dict[str, Any]) -> None:
     finally:
         for logger in loggers:
             if type(logger).__name__ == "WandbLogger":
-                import wandb
+                import wandb  # deferred: optional logger, ~1 s to import
 
                 logger.finalize("success")
                 wandb.finish()

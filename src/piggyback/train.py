@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
@@ -24,8 +27,8 @@ from piggyback.atomic import atomic_write_text
 from piggyback.backbones import BackboneError
 from piggyback.cl import cl_summary, format_cl_table
 from piggyback.data.base import DataError, TaskDataModule
+from piggyback.formats import ArtifactError, save_artifact
 from piggyback.instantiate import build, build_all, to_dict
-from piggyback.masks.artifact import ArtifactError, save_artifact
 from piggyback.module import PiggybackModule
 from piggyback.resolvers import fresh_subdir, register_resolvers
 from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
@@ -93,7 +96,7 @@ def _finish_loggers(loggers: list[Any]) -> None:
     """Close W&B runs so the next task (or multirun job) starts a fresh one."""
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
-            import wandb
+            import wandb  # deferred: optional logger, ~1 s to import
 
             logger.finalize("success")
             wandb.finish()
@@ -332,11 +335,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _multirun_job() -> str | None:
     """``job N (overrides)`` inside a Hydra multirun, else None."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hydra_cfg = HydraConfig.get()
-    except (ImportError, ValueError):  # not under @hydra.main (tests call train directly)
+    except ValueError:  # not under @hydra.main (tests call train directly)
         return None
     if hydra_cfg.mode != RunMode.MULTIRUN:
         return None
@@ -380,10 +380,8 @@ def demo_recipe_note(choices: dict[str, Any], cfg: DictConfig) -> str | None:
 
 def _hydra_choices() -> dict[str, Any]:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return dict(HydraConfig.get().runtime.choices)
-    except (ImportError, ValueError):  # not under @hydra.main
+    except ValueError:  # not under @hydra.main
         return {}
 
 
@@ -424,8 +422,6 @@ def _report_interrupt(cfg: DictConfig, exc: Interrupted) -> None:
 
 
 def main() -> float | None:
-    import hydra
-
     register_resolvers()
 
     @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

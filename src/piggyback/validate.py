@@ -10,9 +10,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig
+from torch import nn
 
-from piggyback.masks.artifact import MASK_ENCODINGS, canonical_encoding
+from piggyback.backbones.base import torch_load_failure
+from piggyback.formats import MASK_ENCODINGS, canonical_encoding
+from piggyback.instantiate import to_dict
+from piggyback.methods import build_method
 from piggyback.nn import GRAD_RESCALES, MASK_INITS, THRESHOLD_FNS
 
 # Letters (any script), digits, "_", "-" and spaces; no dots, separators or "..".
@@ -54,9 +59,6 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
             "artifact_encoding=rice stores binary masks only; use artifact_encoding=bits "
             "with mask.threshold_fn=ternarizer"
         )
-    from piggyback.instantiate import to_dict
-    from piggyback.methods import build_method
-
     try:  # the method's own checks (prune fractions, bn mode, lr_scale, ...)
         build_method(to_dict(cfg.method))
     except ValueError as exc:
@@ -103,8 +105,6 @@ def check_output_folder(
 
 def check_channels(backbone: object, sample_channels: int, task: str | None = None) -> None:
     """A 3-channel backbone on 1-channel data fails deep inside a conv: say it up front."""
-    import torch.nn as nn
-
     first = next((m for m in backbone.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels != sample_channels:
         where = f"task {task!r}: " if task else ""
@@ -116,8 +116,6 @@ def check_channels(backbone: object, sample_channels: int, task: str | None = No
 
 def check_resume(path: str | Path, task: str, method: str, backbone: str) -> None:
     """``resume=`` must be a Lightning checkpoint of this very task, method and backbone."""
-    import torch
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"resume={path}: no such checkpoint file")
@@ -129,8 +127,6 @@ def check_resume(path: str | Path, task: str, method: str, backbone: str) -> Non
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # runs no code
     except Exception as exc:  # pickle, zip and tensor errors alike
-        from piggyback.backbones.base import torch_load_failure
-
         reason = torch_load_failure(path, exc)
         raise ConfigError(
             f"resume={path} is not a readable training checkpoint ({reason})"

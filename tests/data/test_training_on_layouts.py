@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from piggyback.masks import load_artifact
+from piggyback.formats import load_artifact
 from piggyback.train import train
 
 SHORT = (

@@ -7,15 +7,14 @@ import torchvision
 from torch import nn
 
 from piggyback.backbones import remove_classifier
-from piggyback.masks import (
+from piggyback.formats import (
     ArtifactError,
-    apply_artifact,
     bn_state_dict,
-    extract_artifact,
     fingerprint,
     load_artifact,
     save_artifact,
 )
+from piggyback.methods import apply_artifact, extract_artifact
 from piggyback.nn import get_masks, mask_model, masked_weights, reset_masks
 
 
@@ -194,7 +193,7 @@ def test_same_weights_other_bn_statistics_are_refused(trained):
 
 def test_format_1_artifacts_still_load(trained, tmp_path):
     """Artifacts written before masks were named by parameter (format 1) keep working."""
-    from piggyback.masks.artifact import (
+    from piggyback.formats import (
         ARTIFACT_FORMAT,
         artifact_meta,
         artifact_tensors,

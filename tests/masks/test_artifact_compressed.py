@@ -11,15 +11,8 @@ import torchvision
 from torch import nn
 
 from piggyback.backbones import remove_classifier
-from piggyback.masks import (
-    ArtifactError,
-    apply_artifact,
-    extract_artifact,
-    fingerprint,
-    load_artifact,
-    save_artifact,
-)
-from piggyback.masks.artifact import PackedMask
+from piggyback.formats import ArtifactError, PackedMask, fingerprint, load_artifact, save_artifact
+from piggyback.methods import apply_artifact, extract_artifact
 from piggyback.nn import get_masks, mask_model, masked_weights, reset_masks
 
 
@@ -164,7 +157,7 @@ def test_damaged_rice_payload_is_refused(task, tmp_path):
 
 def test_artifacts_and_configs_with_the_old_rle_name_still_work(task, tmp_path):
     """``rice`` was called ``rle``: files written under that name load, the option still works."""
-    from piggyback.masks.artifact import (
+    from piggyback.formats import (
         ARTIFACT_FORMAT,
         FORMAT_VERSION,
         artifact_meta,

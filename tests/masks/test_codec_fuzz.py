@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from piggyback.masks import ArtifactError
-from piggyback.masks.artifact import PackedMask
+from piggyback.formats import ArtifactError, PackedMask
 from piggyback.masks.codec import compress_mask
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from piggyback.data.digits import DigitsDataModule
-from piggyback.masks import ArtifactError, apply_artifact
+from piggyback.formats import ArtifactError
 from piggyback.methods import (
     REGISTRY,
     ClassifierOnly,
@@ -14,6 +14,7 @@ from piggyback.methods import (
     FinetuneSequential,
     PackNet,
     Piggyback,
+    apply_artifact,
     build_method,
     method_class,
 )

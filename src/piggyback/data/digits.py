@@ -59,7 +59,7 @@ def _split_indices(labels: np.ndarray, fractions: tuple[float, float], seed: int
 
 def load_digits_tensors(variant: str = "base", image_size: int = IMAGE_SIZE, seed: int = 0):
     """``{split: (images [N,1,S,S] in [0,1], labels)}`` for one digits variant."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: sklearn costs ~1 s, demo data only
 
     image_fn, label_fn, _ = _check_variant(variant)
     bunch = load_digits()

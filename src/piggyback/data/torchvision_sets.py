@@ -225,7 +225,7 @@ class TorchvisionDataModule(TaskDataModule):
             ) from e
 
     def _build(self, split: str, *, train: bool) -> Dataset:
-        import torchvision.datasets as tvd
+        import torchvision.datasets as tvd  # deferred: imports every dataset class
 
         cls = getattr(tvd, self.spec.cls_name)
         transform = self._transform(train)
