@@ -1,7 +1,8 @@
 """LightningDataModules for every task: one contract (``TaskDataModule``), one file per source."""
 
-from piggyback.data.base import DataError, TaskDataModule
-from piggyback.data.decathlon import DecathlonDataModule, write_results_json
+from piggyback.data.base import DataError, LoaderOptions, TaskDataModule
+from piggyback.data.decathlon import DecathlonDataModule
+from piggyback.data.decathlon_devkit import write_results_json
 from piggyback.data.digits import DigitsDataModule  # noqa: E402  (offline demo tasks)
 from piggyback.data.finegrained import FineGrainedDataModule, ImageFolderDataModule
 from piggyback.data.torchvision_sets import TorchvisionDataModule
@@ -12,6 +13,7 @@ __all__ = [
     "DigitsDataModule",
     "FineGrainedDataModule",
     "ImageFolderDataModule",
+    "LoaderOptions",
     "TaskDataModule",
     "TorchvisionDataModule",
     "write_results_json",

@@ -7,7 +7,7 @@ task artifact so predictions can be read without the dataset).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 import lightning as L
 import torch
@@ -18,6 +18,22 @@ from piggyback.data.sampler import EpochSeededSampler, loader_generator
 
 class DataError(ValueError):
     """The data on disk (or its config) is not what the run expects; the message says what to do."""
+
+
+class LoaderOptions(TypedDict, total=False):
+    """The DataLoader settings every task DataModule takes (``data.batch_size=...`` etc.).
+
+    Subclasses accept them as ``**loader: Unpack[LoaderOptions]`` and pass them on to
+    :class:`TaskDataModule`, so the list and its defaults are written once, here.
+    """
+
+    batch_size: int
+    eval_batch_size: int | None
+    num_workers: int
+    pin_memory: bool
+    persistent_workers: bool
+    prefetch_factor: int | None
+    shuffle_seed: int | None
 
 
 class TaskDataModule(L.LightningDataModule):

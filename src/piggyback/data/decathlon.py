@@ -20,9 +20,9 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import numpy as np
 import torch
@@ -30,8 +30,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
 from piggyback.atomic import atomic_write_text
-from piggyback.data.base import DataError, TaskDataModule
-from piggyback.data.finegrained import ImageListDataset
+from piggyback.data.base import DataError, LoaderOptions, TaskDataModule
+from piggyback.data.decathlon_devkit import (
+    Annotations,
+    check_files_exist,
+    to_int,
+    write_results_json,
+)
+from piggyback.data.images import ImageListDataset
 from piggyback.data.transforms import decathlon_geometry, decathlon_transform
 from piggyback.metrics import DECATHLON_DOMAINS
 
@@ -55,121 +61,6 @@ class DecathlonDataset(ImageListDataset):
     def __init__(self, samples, transform, image_ids: Sequence[int], **kwargs: Any) -> None:
         super().__init__(samples, transform, **kwargs)
         self.image_ids = [int(i) for i in image_ids]
-
-
-class _Annotations:
-    """One parsed annotation file: image paths, optional labels by image id, categories."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"annotation file {path} is not valid JSON: {e}") from e
-        try:
-            self.images: list[tuple[int, str]] = sorted(
-                (int(im["id"]), str(im["file_name"])) for im in raw["images"]
-            )
-            self.categories: list[tuple[int, str]] = sorted(
-                (int(c["id"]), str(c.get("name", c["id"]))) for c in raw.get("categories", [])
-            )
-            self.labels: dict[int, int] = {}
-            for ann in raw.get("annotations") or []:
-                image_id = int(ann["image_id"])
-                if image_id in self.labels:
-                    raise DataError(
-                        f"annotation file {path}: image {image_id} has more than one annotation"
-                    )
-                self.labels[image_id] = int(ann["category_id"])
-        except (KeyError, TypeError) as e:
-            raise DataError(
-                f"annotation file {path} is not in the devkit's COCO format (missing {e}); "
-                "expected images[{id, file_name}], annotations[{id, image_id, category_id}], "
-                "categories[{id, name}]"
-            ) from e
-
-
-def _check_files_exist(paths: Sequence[str], ids: Sequence[int], ann_path: Path) -> None:
-    """One directory listing per folder instead of one stat per image (ImageNet: 1.2M files)."""
-    listings: dict[str, set[str] | None] = {}
-    missing: list[tuple[int, str]] = []
-    for image_id, p in zip(ids, paths, strict=True):
-        d, name = os.path.split(p)
-        if d not in listings:
-            try:
-                listings[d] = set(os.listdir(d))
-            except OSError:
-                listings[d] = None
-        names = listings[d]
-        if names is None or name not in names:
-            missing.append((image_id, p))
-    if missing:
-        image_id, p = missing[0]
-        raise DataError(
-            f"{ann_path} lists image {image_id} at {p}, which does not exist "
-            f"({len(missing)} of {len(paths)} images missing). Extract the devkit's image "
-            f"archives so that file_name 'data/...' resolves under {ann_path.parent.parent}/."
-        )
-
-
-def _to_int(value: Any, what: str) -> int:
-    if isinstance(value, bool):
-        raise DataError(f"{what} must be an integer, got {value!r}")
-    if isinstance(value, torch.Tensor | np.ndarray):
-        value = value.item()
-    if isinstance(value, float):
-        if not value.is_integer():
-            raise DataError(f"{what} must be an integer, got {value!r}")
-        return int(value)
-    try:
-        return int(value)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"{what} must be an integer, got {value!r}") from e
-
-
-def _atomic_write_text(path: Path, text: str, *, overwrite: bool) -> None:
-    """Write via the project's one atomic writer, so readers never see half a file."""
-    atomic_write_text(path, text, overwrite=overwrite)
-
-
-def write_results_json(
-    path: str | os.PathLike,
-    predictions: Iterable[Mapping[str, Any]] | Mapping[str, Iterable[Mapping[str, Any]]],
-    *,
-    overwrite: bool = False,
-) -> Path:
-    """Write the challenge's ``results.json``: a list of ``{"image_id", "category_id"}``.
-
-    ``predictions`` is one domain's list of dicts (global category ids, e.g. from
-    ``DecathlonDataModule.to_results``) or a mapping ``domain -> list`` to merge all domains
-    into one submission. An existing file is kept unless ``overwrite=True``: a submission is
-    usually assembled from runs that took hours, and must not be clobbered by accident.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    if isinstance(predictions, Mapping):
-        groups = list(predictions.items())
-    else:
-        groups = [("", predictions)]
-    results: list[dict[str, int]] = []
-    seen: set[int] = set()
-    for domain, preds in groups:
-        for p in preds:
-            image_id = _to_int(p["image_id"], "image_id")
-            category_id = _to_int(p["category_id"], "category_id")
-            if image_id in seen:
-                where = f" (domain {domain})" if domain else ""
-                raise DataError(f"image_id {image_id} appears twice in the predictions{where}")
-            seen.add(image_id)
-            results.append({"image_id": image_id, "category_id": category_id})
-    try:
-        _atomic_write_text(path, json.dumps(results), overwrite=overwrite)
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it") from None
-    log.info("wrote %d predictions to %s", len(results), path)
-    return path
 
 
 class DecathlonDataModule(TaskDataModule):
@@ -204,23 +95,9 @@ class DecathlonDataModule(TaskDataModule):
         skip_unreadable: bool = False,
         image_size: int = 64,
         resize_size: int = 72,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        prefetch_factor: int | None = None,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(
-            task_name=task_name,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            prefetch_factor=prefetch_factor,
-        )
+        super().__init__(task_name=task_name, num_classes=num_classes, **loader)
         self.domain = domain or task_name
         if self.domain not in DECATHLON_CLASSES:
             raise DataError(
@@ -254,7 +131,7 @@ class DecathlonDataModule(TaskDataModule):
         self.resize_size = int(resize_size)
         self.category_ids: list[int] | None = None
         self.predict_set: Dataset | None = None
-        self._ann: dict[str, _Annotations] = {}
+        self._ann: dict[str, Annotations] = {}
         if self.val_split in self.train_splits:
             log.warning(
                 "%s: validating on %r, which is also a training split", self.domain, val_split
@@ -268,7 +145,7 @@ class DecathlonDataModule(TaskDataModule):
     def annotation_path(self, split: str) -> Path:
         return self.devkit_dir / "annotations" / f"{self.domain}_{split}.json"
 
-    def _annotations(self, split: str) -> _Annotations:
+    def _annotations(self, split: str) -> Annotations:
         if split not in self._ann:
             if not self.devkit_dir.is_dir():
                 raise DataError(
@@ -281,7 +158,7 @@ class DecathlonDataModule(TaskDataModule):
                 raise DataError(
                     f"task {self.task_name!r}: annotation file {path} not found; {_LAYOUT}."
                 )
-            self._ann[split] = _Annotations(path)
+            self._ann[split] = Annotations(path)
         return self._ann[split]
 
     def _resolve_categories(self) -> list[int]:
@@ -307,7 +184,7 @@ class DecathlonDataModule(TaskDataModule):
         if not ids:
             raise DataError(f"annotation file {ann.path} lists no images")
         if self.verify_files:
-            _check_files_exist(paths, ids, ann.path)
+            check_files_exist(paths, ids, ann.path)
         if not labelled:
             return list(zip(paths, ids, strict=True)), ids
         samples = []
@@ -387,7 +264,7 @@ class DecathlonDataModule(TaskDataModule):
             except (OSError, json.JSONDecodeError):
                 data = {}
             data[self._stats_key()] = {"mean": list(mean), "std": list(std), "num_images": n}
-            _atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True), overwrite=True)
+            atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True), overwrite=True)
         except OSError as e:  # read-only dataset folder: still train, just measure again
             log.warning("could not cache decathlon mean/std in %s: %s", path, e)
 
@@ -459,11 +336,11 @@ class DecathlonDataModule(TaskDataModule):
             raise DataError(f"{len(image_ids)} image ids but {len(labels)} predicted labels")
         out = []
         for image_id, label in zip(image_ids, labels, strict=True):
-            label = _to_int(label, "predicted label")
+            label = to_int(label, "predicted label")
             if not 0 <= label < len(category_ids):
                 raise DataError(f"predicted label {label} outside 0..{len(category_ids) - 1}")
             out.append(
-                {"image_id": _to_int(image_id, "image_id"), "category_id": category_ids[label]}
+                {"image_id": to_int(image_id, "image_id"), "category_id": category_ids[label]}
             )
         return out
 

@@ -9,13 +9,14 @@ download. Each variant is a distinct task in the paper's sense: a new visual dom
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Unpack
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from piggyback.data.base import DataError, TaskDataModule
+from piggyback.data.base import DataError, LoaderOptions, TaskDataModule
 
 IMAGE_SIZE = 32
 
@@ -88,13 +89,13 @@ class DigitsDataModule(TaskDataModule):
         num_classes: int | None = None,
         image_size: int = IMAGE_SIZE,
         seed: int = 0,
-        **loader_kwargs,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
         expected = digits_variant_classes(variant)
         super().__init__(
             task_name=task_name or f"digits_{variant}",
             num_classes=expected if num_classes is None else num_classes,
-            **loader_kwargs,
+            **loader,
         )
         self.check_num_classes(expected, f"digits variant {variant!r}")
         self.variant = variant

@@ -20,12 +20,12 @@ import urllib.error
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from piggyback.data.base import DataError, TaskDataModule
-from piggyback.data.finegrained import split_indices
+from piggyback.data.base import DataError, LoaderOptions, TaskDataModule
+from piggyback.data.images import split_indices
 from piggyback.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -135,23 +135,9 @@ class TorchvisionDataModule(TaskDataModule):
         resize_size: int | None = None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = True,
-        prefetch_factor: int | None = None,
+        **loader: Unpack[LoaderOptions],
     ) -> None:
-        super().__init__(
-            task_name=task_name,
-            num_classes=num_classes,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            prefetch_factor=prefetch_factor,
-        )
+        super().__init__(task_name=task_name, num_classes=num_classes, **loader)
         if name not in TORCHVISION_SETS:
             raise DataError(
                 f"unknown torchvision dataset {name!r}; expected one of "
