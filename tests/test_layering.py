@@ -22,7 +22,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # helpers that know nothing of models: atomic writes, Hydra instantiate, config
-    # resolvers, the decathlon score formula, the continual-learning formulas
+    # resolvers, the decathlon score formula, the continual-learning formulas, Lightning's
+    # repeated banners shown once (console)
     (
         "base",
         (
@@ -32,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "piggyback.resolvers",
             "piggyback.metrics",
             "piggyback.cl",
+            "piggyback.console",
         ),
     ),
     # DataModules and plain architectures: know no model, mask or method
@@ -63,6 +65,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "piggyback.sweep",
             "piggyback.report",
             "piggyback.testing",
+            "piggyback.training",  # train.py's steps: task, sequence, records, run folder, ...
+            "piggyback.evaluation",  # evaluate.py's steps: runs, rebuild, tester, rows
+            "piggyback.cli",  # config folder, user errors, Hydra glue shared by both entries
         ),
     ),
     # what the entry points call: orchestration only
