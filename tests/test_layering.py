@@ -12,6 +12,7 @@ The layers, lowest first, are drawn in the README's developer section; keep the 
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,6 +240,13 @@ def test_every_layer_prefix_names_a_real_module():
             assert any(m == prefix or m.startswith(prefix + ".") for m in modules), (
                 f"layer {layer!r} lists {prefix}, which does not exist"
             )
+
+
+def test_readme_draws_the_same_layers_in_the_same_order():
+    readme = (SRC.parent / "README.md").read_text()
+    develop = readme.split("## Develop", 1)[1]
+    drawn = re.findall(r"^\d+\. \*\*(\w+)\*\*", develop, flags=re.M)
+    assert drawn == [name for name, _ in LAYERS]
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:

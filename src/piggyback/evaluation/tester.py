@@ -73,7 +73,7 @@ def test_accuracy(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        limit_test_batches=1.0 if limit is None else limit,
+        limit_test_batches=limit,  # None: all batches (an explicit 1.0 makes Lightning say so)
     )
     trainer.test(tester, dataloaders=loader, verbose=False)
     top1, top5, n = tester.results

@@ -36,6 +36,10 @@ Stream layout (all integers little-endian / LEB128 varints)::
 
 The CRC costs 4 bytes per layer (nothing next to a multi-megabit mask) and turns any bit flip
 or truncation into a ``ValueError`` instead of a silently different mask.
+
+One file of ~400 lines on purpose: the encoder and the decoder are the two halves of the one
+stream layout above, and the decoder's bounds checks mirror the encoder line by line; split
+apart, a change to one half would too easily miss the other.
 """
 
 from __future__ import annotations
