@@ -33,6 +33,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from piggyback.atomic import atomic_write_text  # issue 18
 from piggyback.backbones import build_backbone
 from piggyback.formats import ArtifactError, TaskArtifact, load_artifact
 from piggyback.instantiate import build
@@ -53,7 +54,9 @@ from piggyback.report import (
     write_csv,
 )
 from piggyback.resolvers import register_resolvers
+from piggyback.run_lock import RunLock  # issue 18
 from piggyback.train import CONF_DIR, USER_ERRORS
+from piggyback.write_errors import exists_for_cli  # issue 18
 
 log = logging.getLogger(__name__)
 
@@ -567,12 +570,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "output_dir": str(output_dir),
     }
     report = format_report(result)
-    (output_dir / "results.md").write_text(report + "\n")
-    (output_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    # issue 18: atomic writes (a full disk is one line, the previous report stays whole)
+    atomic_write_text(output_dir / "results.md", report + "\n", overwrite=True)
+    results_json = json.dumps(result, indent=2, default=str)
+    atomic_write_text(output_dir / "results.json", results_json, overwrite=True)
     write_csv(output_dir / "results.csv", TABLE_COLUMNS, rows)
     if result["comparison"]:
         comp = result["comparison"]
-        (output_dir / "comparison.md").write_text(format_comparison(comp) + "\n")
+        atomic_write_text(
+            output_dir / "comparison.md", format_comparison(comp) + "\n", overwrite=True
+        )
         write_csv(output_dir / "comparison.csv", comp["columns"], comp["rows"])
     log_to_loggers(cfg, result)
     if cfg.get("print_table", True):
@@ -583,8 +590,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra job body: known user errors become one line on stderr and exit code 2."""
     try:
-        return evaluate(cfg)
+        with RunLock(cfg.paths.output_dir):  # issue 18: one run per output folder
+            return evaluate(cfg)
     except USER_ERRORS as exc:
+        if isinstance(exc, FileExistsError):  # issue 18: the CLI option, not overwrite=True
+            exc = exists_for_cli(exc)
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -27,13 +27,16 @@ from piggyback.atomic import atomic_write_text
 from piggyback.backbones import BackboneError
 from piggyback.cl import cl_summary, format_cl_table
 from piggyback.data.base import DataError, TaskDataModule
+from piggyback.finite_loss import FiniteLossCheck, NonFiniteLoss  # issue 18
 from piggyback.formats import ArtifactError, save_artifact
 from piggyback.instantiate import build, build_all, to_dict
 from piggyback.module import PiggybackModule
 from piggyback.resolvers import fresh_subdir, register_resolvers
 from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
+from piggyback.run_lock import RunLock, RunLocked  # issue 18
 from piggyback.sweep import record_job_failure
 from piggyback.validate import ConfigError, check_channels, check_config, check_resume
+from piggyback.write_errors import WriteError, exists_for_cli  # issue 18
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ USER_ERRORS = (
     ConfigError,
     FileExistsError,
     FileNotFoundError,
+    WriteError,  # issue 18: full disk, read-only or vanished output folder
+    RunLocked,  # issue 18: another run holds the output folder
+    NonFiniteLoss,  # issue 18: the training loss became nan/inf
 )
 
 
@@ -164,6 +170,14 @@ def train_task(
     callbacks = _callbacks(cfg, task, has_logger=bool(loggers))
     callbacks.append(RNGStateCheckpoint())  # before the exception checkpoint saves its state
     callbacks.append(InterruptCheckpoint(ckpt_dir))
+    callbacks.append(  # issue 18: stop at the first non-finite training loss
+        FiniteLossCheck(
+            task,
+            ckpt_dir / "last.ckpt",
+            cfg.method.get("lr_scale", 1.0),
+            cfg.get("nonfinite_loss", "stop"),
+        )
+    )
     trainer: L.Trainer = build(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     train_seconds = None
     try:
@@ -289,7 +303,14 @@ def format_table(records: list[dict[str, Any]]) -> str:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train every task of ``cfg.data`` on one backbone; returns flat metrics."""
+    """Train every task of ``cfg.data`` on one backbone; returns flat metrics.
+
+    One run per output folder: another run holding it is refused at once (``RunLocked``)."""
+    with RunLock(cfg.paths.output_dir):  # issue 18: before any work
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     tasks = task_configs(cfg.data)
     check_config(cfg, tasks)
     L.seed_everything(cfg.get("seed", 0), workers=True)
@@ -347,6 +368,8 @@ def _user_error(exc: BaseException, output_dir: str) -> None:
     """One line and exit 2; in a multirun, the job's overrides and no exit, so the sibling
     jobs of a sweep still run (the basic and joblib launchers stop at a job's exception),
     and an ``error.txt`` that makes the whole sweep exit 2 at its end (``piggyback.sweep``)."""
+    if isinstance(exc, FileExistsError):  # issue 18: name the CLI option, not overwrite=True
+        exc = FileExistsError(exists_for_cli(exc))
     job = _multirun_job()
     if job is None:
         print(f"error: {exc}", file=sys.stderr)

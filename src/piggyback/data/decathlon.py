@@ -32,6 +32,7 @@ from torchvision import transforms as T
 from piggyback.atomic import atomic_write_text
 from piggyback.data.base import DataError, TaskDataModule
 from piggyback.data.finegrained import ImageListDataset
+from piggyback.data.folders import check_data_folder  # issue 18
 from piggyback.data.transforms import decathlon_geometry, decathlon_transform
 from piggyback.metrics import DECATHLON_DOMAINS
 
@@ -270,6 +271,12 @@ class DecathlonDataModule(TaskDataModule):
 
     def _annotations(self, split: str) -> _Annotations:
         if split not in self._ann:
+            # issue 18: a file, a dangling link or an unreadable folder is named as such
+            check_data_folder(
+                self.devkit_dir,
+                f"task {self.task_name!r}: decathlon devkit folder",
+                "set data.root to the folder that contains it",
+            )
             if not self.devkit_dir.is_dir():
                 raise DataError(
                     f"task {self.task_name!r}: decathlon devkit folder {self.devkit_dir} not "
