@@ -30,7 +30,7 @@ def _umask() -> int:
 
 def _exists(path: Path) -> FileExistsError:
     error = FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    error.filename = str(path)  # the command line names its own option (write_errors)
+    error.path = str(path)  # type: ignore[attr-defined]  # for write_errors.exists_for_cli
     return error
 
 

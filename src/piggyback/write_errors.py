@@ -61,7 +61,7 @@ def exists_for_cli(exc: FileExistsError) -> str:
     they are."""
     if "overwrite=True" not in str(exc):
         return str(exc)
-    path = exc.filename or str(exc).split(" already exists")[0]
+    path = getattr(exc, "path", None) or str(exc).split(" already exists")[0]
     return (
         f"{path} already exists; pick another output folder (hydra.run.dir=...) "
         "or set overwrite_artifacts=true"

@@ -50,7 +50,7 @@ def write_checked_file(
     path = Path(path)
     if path.exists() and not overwrite:
         error = FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-        error.filename = str(path)  # the command line names its own option (write_errors)
+        error.path = str(path)  # type: ignore[attr-defined]  # for write_errors.exists_for_cli
         raise error
     meta_json = json.dumps(meta, default=str)  # insertion order = network order
     metadata = {
