@@ -293,9 +293,12 @@ def _run_exit_eval(fn, cfg, capsys):
 
 @pytest.fixture
 def small_fs(tmp_path):
-    """A 3 MB tmpfs mounted under tmp_path, or a skip saying why there is none."""
-    mount = tmp_path / "fs"
-    mount.mkdir()
+    """A 3 MB tmpfs mounted as ``run/checkpoints`` of an output folder under tmp_path, or a
+    skip saying why there is none. (Only the checkpoints live on it: the run lock holds a
+    file in the output folder open for writing, and a busy file system cannot be remounted
+    read-only.)"""
+    mount = tmp_path / "run" / "checkpoints"
+    mount.mkdir(parents=True)
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root on Linux")
     done = subprocess.run(
@@ -341,8 +344,8 @@ class FillDisk(L.Callback):
 def test_a_real_full_or_read_only_file_system(make_cfg, capsys, monkeypatch, small_fs, how, cause):
     monkeypatch.syspath_prepend(str(REPO))
     cfg = make_cfg(*TINY, "callbacks.model_checkpoint=null")
-    cfg.paths.output_dir = str(small_fs / "run")
-    last = small_fs / "run" / "checkpoints" / TASK / "last.ckpt"
+    cfg.paths.output_dir = str(small_fs.parent)
+    last = small_fs / TASK / "last.ckpt"
     with open_dict(cfg):
         cfg.callbacks["fill"] = {
             "_target_": "tests.test_faults.FillDisk",
@@ -409,14 +412,15 @@ def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(make_cfg, capsy
 
 
 def test_a_diverging_learning_rate_exits_2(make_cfg, capsys):
-    """The issue's reproduction: finetune at lr_scale=1e7 exited 0 with chance accuracy."""
-    cfg = make_cfg(*TINY, "method=finetune", "method.lr_scale=1e7", "trainer.max_epochs=3")
+    """A learning rate that sends the weights to inf (finetune at lr_scale=1e20 diverges in
+    a few steps) exited 0 with chance accuracy and an artifact."""
+    cfg = make_cfg(*TINY, "method=finetune", "method.lr_scale=1e20", "trainer.max_epochs=3")
     code, err = _run_exit(cfg, capsys)
     assert code == 2
     assert re.fullmatch(
         rf"error: task '{TASK}': the training loss became (nan|inf) at epoch \d+, step \d+ "
-        r"\(learning rates: backbone=1e\+04, head=1e\+04\); lower the learning rate "
-        r"\(method\.lr_scale=1e6\)( or resume from .*last\.ckpt|; no good checkpoint was "
+        r"\(learning rates: backbone=1e\+17, head=1e\+17\); lower the learning rate "
+        r"\(method\.lr_scale=1e19\)( or resume from .*last\.ckpt|; no good checkpoint was "
         r"written before it)",
         err[-1],
     ), err[-1]
