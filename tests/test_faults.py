@@ -482,6 +482,35 @@ def test_the_check_names_nan_or_inf_and_says_when_no_checkpoint_exists(tmp_path,
     )
 
 
+def test_a_deferred_flag_is_read_one_step_later_or_before_any_checkpoint(tmp_path):
+    """On an accelerator the flag of step k is read at the end of step k+1 (no sync on the
+    step just queued); a checkpoint or validation reads a pending flag first."""
+    (tmp_path / "last.ckpt").write_bytes(b"good")
+    check = FiniteLossCheck("t", tmp_path / "last.ckpt", defer=True)
+    trainer = _Trainer()
+    check.on_train_batch_end(trainer, None, {"loss": torch.tensor(float("nan"))}, None, 7)
+    with pytest.raises(NonFiniteLoss, match=r"became nan at epoch 4, step 7 .* or resume from"):
+        check.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 8)
+    for hook in ("on_save_checkpoint", "on_validation_start", "on_train_epoch_end"):
+        check = FiniteLossCheck("t", defer=True)
+        check.on_train_batch_end(trainer, None, {"loss": torch.tensor(float("inf"))}, None, 9)
+        args = (trainer, None, {}) if hook == "on_save_checkpoint" else (trainer, None)
+        with pytest.raises(NonFiniteLoss, match=r"became inf at epoch 4, step 9"):
+            getattr(check, hook)(*args)
+
+
+@pytest.mark.gpu
+def test_the_check_on_a_gpu_stops_at_the_nan_step():
+    check = FiniteLossCheck("t")
+    trainer = _Trainer()
+    for step in range(3):
+        check.on_train_batch_end(trainer, None, {"loss": torch.ones((), device="cuda")}, None, step)
+    nan = torch.full((), float("nan"), device="cuda")
+    check.on_train_batch_end(trainer, None, {"loss": nan}, None, 3)  # read at the next step
+    with pytest.raises(NonFiniteLoss, match=r"became nan at epoch 4, step 3"):
+        check.flush(trainer)
+
+
 # --- 4. one run per folder
 
 

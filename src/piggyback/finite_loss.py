@@ -39,7 +39,8 @@ class FiniteLossCheck(L.Callback):
     first non-finite training loss.
 
     ``last_checkpoint``: the epoch-end resume point of this task, named in the message when
-    it exists; ``lr_scale``: the run's ``method.lr_scale``, for the suggested lower value.
+    it exists; ``lr_scale``: the run's ``method.lr_scale``, for the suggested lower value;
+    ``defer``: read each step's flag one step later (default: on any device but the CPU).
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class FiniteLossCheck(L.Callback):
         last_checkpoint: str | Path | None = None,
         lr_scale: float = 1.0,
         mode: str = "stop",
+        defer: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"nonfinite_loss={mode!r} is not valid; choose one of stop, warn")
@@ -55,6 +57,7 @@ class FiniteLossCheck(L.Callback):
         self.last_checkpoint = Path(last_checkpoint) if last_checkpoint else None
         self.lr_scale = lr_scale
         self.mode = mode
+        self.defer = defer
         self._pending: tuple[torch.Tensor, torch.Tensor, int, int] | None = None
         self._warned = False
 
@@ -66,7 +69,8 @@ class FiniteLossCheck(L.Callback):
             return
         loss = loss.detach()
         entry = (torch.isfinite(loss).all(), loss, trainer.current_epoch, idx)
-        if loss.device.type == "cpu":  # no sync to avoid: read it now
+        defer = loss.device.type != "cpu" if self.defer is None else self.defer
+        if not defer:  # no sync to avoid: read it now
             self._check(trainer, entry)
             return
         previous, self._pending = self._pending, entry
