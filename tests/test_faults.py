@@ -183,6 +183,33 @@ def test_an_existing_file_names_the_cli_option(tmp_path):
     assert "overwrite=True" not in exists_for_cli(info.value)
 
 
+class WriteMeanwhile(L.Callback):
+    """Another process writes ``path`` while this run trains."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_bytes(b"someone else's artifact")
+
+
+def test_an_artifact_written_meanwhile_names_the_cli_option(make_cfg, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    cfg = make_cfg(*ONE)
+    artifact = Path(cfg.paths.output_dir) / "artifacts" / f"{TASK}.safetensors"
+    with open_dict(cfg):
+        cfg.callbacks = {"meanwhile": {"_target_": "tests.test_faults.WriteMeanwhile"}}
+        cfg.callbacks.meanwhile.path = str(artifact)
+    code, err = _run_exit(cfg, capsys)
+    assert (code, err[-1]) == (
+        2,
+        f"error: {artifact} already exists; pick another output folder (hydra.run.dir=...) or "
+        "set overwrite_artifacts=true",
+    )
+    assert artifact.read_bytes() == b"someone else's artifact"
+
+
 @pytest.mark.parametrize("option", ["cpu", "gpu", "ddp", "default"])
 def test_every_trainer_config_writes_checkpoints_atomically(make_cfg, option):
     cfg = make_cfg(f"trainer={option}")
