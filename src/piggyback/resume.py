@@ -20,8 +20,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from piggyback.finite_loss import NonFiniteLoss
-from piggyback.write_errors import WriteError
+from piggyback.finite_loss import NonFiniteLoss  # issue 18
+from piggyback.write_errors import WriteError  # issue 18
 
 
 class InterruptCheckpoint(L.pytorch.callbacks.Checkpoint):
@@ -40,7 +40,7 @@ class InterruptCheckpoint(L.pytorch.callbacks.Checkpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException
     ) -> None:
-        if isinstance(exc, NonFiniteLoss | WriteError):
+        if isinstance(exc, NonFiniteLoss | WriteError):  # issue 18
             return  # weights a non-finite step made, or a disk that cannot take them: keep
             # the last good last.ckpt as it is
         trainer.save_checkpoint(self.path)

@@ -310,7 +310,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         return _train(cfg)
 
 
-def _train(cfg: DictConfig) -> dict[str, Any]:
+def _train(cfg: DictConfig) -> dict[str, Any]:  # issue 18: train()'s body, under the lock
     tasks = task_configs(cfg.data)
     check_config(cfg, tasks)
     L.seed_everything(cfg.get("seed", 0), workers=True)
