@@ -170,11 +170,12 @@ class Trainee:
         with self.autocast:
             return F.cross_entropy(self.module(x), y)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = self.forward(x, y)
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     def phases(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
         """(forward, backward, optimizer) seconds of one step."""
@@ -532,6 +533,63 @@ def bench_loader(args: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------------------- main
+def bench_faults(args: argparse.Namespace) -> None:
+    """Issue 18's costs: the per-step finiteness check, and the atomic checkpoint writer
+    (temp file in the checkpoint's folder + fsync + rename) against Lightning's own."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    from piggyback.checkpoint_io import AtomicCheckpointIO
+    from piggyback.finite_loss import FiniteLossCheck
+
+    x, y = batch(args)
+    trainee = Trainee("piggyback", args)
+    stub = SimpleNamespace(current_epoch=0, optimizers=[trainee.optimizer])
+    check = FiniteLossCheck("bench")
+
+    def checked() -> None:
+        check.on_train_batch_end(stub, None, {"loss": trainee.step(x, y)}, None, 0)
+
+    times = interleaved(
+        {"plain": lambda: trainee.step(x, y), "checked": checked},
+        args.rounds,
+        args.warmup,
+        args.device,
+    )
+    emit(
+        "step_with_finite_loss_check / step",
+        ratio(times, "checked", "plain"),
+        "target: within noise (~1.00)",
+        f"{med_ms(times, 'checked'):.1f} ms vs {med_ms(times, 'plain'):.1f} ms; piggyback, "
+        f"{args.arch}, batch {args.batch} at {args.size} px",
+    )
+    step_ms = med_ms(times, "plain")
+    checkpoint = {
+        "state_dict": trainee.module.state_dict(),
+        "optimizer_states": [trainee.optimizer.state_dict()],
+        "epoch": 0,
+    }
+    with tempfile.TemporaryDirectory(dir=args.ckpt_dir) as d:
+        folder = Path(d)
+        writers = {"lightning": TorchCheckpointIO(), "atomic": AtomicCheckpointIO(folder)}
+        saves = {
+            k: (lambda w=w, k=k: w.save_checkpoint(checkpoint, folder / f"{k}.ckpt"))
+            for k, w in writers.items()
+        }
+        times = interleaved(saves, max(3, args.rounds // 3), 1, args.device)
+        size = (folder / "atomic.ckpt").stat().st_size
+    emit(
+        "atomic_checkpoint_save / lightning_checkpoint_save",
+        ratio(times, "atomic", "lightning"),
+        "info: once per epoch; fsync makes it durable",
+        f"{med_ms(times, 'atomic'):.1f} ms vs {med_ms(times, 'lightning'):.1f} ms for "
+        f"{mib(size)} in {folder.parent}; the difference is "
+        f"{(med_ms(times, 'atomic') - med_ms(times, 'lightning')) / step_ms:.2f} training "
+        "steps per epoch",
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -548,9 +606,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=("train", "inference", "switch", "memory", "loader"),
+        choices=("train", "inference", "switch", "memory", "loader", "faults"),
         help="run only these sections",
     )
+    p.add_argument("--ckpt-dir", help="where the faults section writes checkpoints (a temp dir)")
     p.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
@@ -614,6 +673,7 @@ def main(argv: list[str] | None = None) -> None:
         "switch": bench_switch_and_artifacts,
         "memory": bench_memory,
         "loader": bench_loader,
+        "faults": bench_faults,
     }
     for name, fn in sections.items():
         if args.only and name not in args.only:

@@ -22,14 +22,18 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # helpers that know nothing of models: atomic writes, Hydra instantiate, config
-    # resolvers, the decathlon score formula, the continual-learning formulas, Lightning's
-    # repeated banners shown once (console)
+    # helpers that know nothing of models: atomic writes (and the Lightning checkpoint writer
+    # built on them), the one-run-per-folder lock, Hydra instantiate, config resolvers, the
+    # decathlon score formula, the continual-learning formulas, Lightning's repeated banners
+    # shown once (console)
     (
         "base",
         (
             "piggyback",
+            "piggyback.write_errors",
             "piggyback.atomic",
+            "piggyback.checkpoint_io",
+            "piggyback.run_lock",
             "piggyback.instantiate",
             "piggyback.resolvers",
             "piggyback.metrics",
@@ -61,6 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "steps",
         (
+            "piggyback.finite_loss",
             "piggyback.validate",
             "piggyback.resume",
             "piggyback.sweep",

@@ -18,9 +18,12 @@ from omegaconf import DictConfig
 
 from piggyback.backbones import BackboneError
 from piggyback.data.base import DataError
+from piggyback.finite_loss import NonFiniteLoss
 from piggyback.formats import ArtifactError
+from piggyback.run_lock import RunLocked
 from piggyback.sweep import record_job_failure
 from piggyback.validate import ConfigError
+from piggyback.write_errors import WriteError, exists_for_cli
 
 CONF_DIR = os.environ.get("PIGGYBACK_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
 USER_ERRORS = (
@@ -30,6 +33,9 @@ USER_ERRORS = (
     ConfigError,
     FileExistsError,
     FileNotFoundError,
+    WriteError,  # full disk, read-only or vanished output folder
+    RunLocked,  # another run holds the output folder
+    NonFiniteLoss,  # the training loss became nan/inf
 )
 
 __all__ = [
@@ -46,6 +52,8 @@ __all__ = [
 
 def exit_with_error(exc: BaseException) -> NoReturn:
     """``error: <message>`` on stderr and exit code 2."""
+    if isinstance(exc, FileExistsError):  # name the CLI option, not overwrite=True
+        exc = FileExistsError(exists_for_cli(exc))
     print(f"error: {exc}", file=sys.stderr)
     raise SystemExit(2) from None
 
@@ -68,6 +76,8 @@ def user_error(exc: BaseException, output_dir: str) -> None:
     job = multirun_job()
     if job is None:
         exit_with_error(exc)
+    if isinstance(exc, FileExistsError):  # name the CLI option, not overwrite=True
+        exc = FileExistsError(exists_for_cli(exc))
     message = f"error: {job} failed, the other jobs go on: {exc}"
     print(message, file=sys.stderr, flush=True)
     record_job_failure(output_dir, message)

@@ -11,12 +11,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from piggyback.atomic import atomic_write_stream
 from piggyback.data.digits import load_digits_tensors
 from piggyback.nets.small_cnn import small_cnn
 
@@ -69,9 +69,6 @@ def pretrained_small_cnn_state(
     log.info("pretraining the demo backbone on the base digits task (cached at %s)", path)
     state, acc = pretrain_small_cnn()
     log.info("demo backbone base-task test accuracy: %.4f", acc)
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".tmp")
-    os.close(fd)
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # concurrent multirun jobs may race here; both write the same bytes
+    # concurrent multirun jobs may race here; both write the same bytes
+    atomic_write_stream(path, lambda handle: torch.save(state, handle), overwrite=True)
     return state

@@ -55,6 +55,7 @@ from piggyback.report import (
     safe_name,
 )
 from piggyback.resolvers import register_resolvers
+from piggyback.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Hydra job body: known user errors become one line on stderr and exit code 2."""
     try:
-        return evaluate(cfg)
+        with RunLock(cfg.paths.output_dir):  # one run per output folder
+            return evaluate(cfg)
     except USER_ERRORS as exc:
         exit_with_error(exc)
 

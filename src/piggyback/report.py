@@ -16,6 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from piggyback.atomic import atomic_write_text
 from piggyback.instantiate import build
 
 # the paper's column order; packnet gets its column as soon as its artifacts exist
@@ -223,7 +224,7 @@ def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]
     writer.writeheader()
     for row in rows:
         writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
-    path.write_text(buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue(), overwrite=True)
 
 
 def safe_name(label: str) -> str:

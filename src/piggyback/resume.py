@@ -20,6 +20,9 @@ import lightning as L
 import numpy as np
 import torch
 
+from piggyback.finite_loss import NonFiniteLoss  # issue 18
+from piggyback.write_errors import WriteError  # issue 18
+
 
 class InterruptCheckpoint(L.pytorch.callbacks.Checkpoint):
     """Writes ``last.ckpt`` when training stops on an exception or a signal.
@@ -37,6 +40,9 @@ class InterruptCheckpoint(L.pytorch.callbacks.Checkpoint):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exc: BaseException
     ) -> None:
+        if isinstance(exc, NonFiniteLoss | WriteError):  # issue 18
+            return  # weights a non-finite step made, or a disk that cannot take them: keep
+            # the last good last.ckpt as it is
         trainer.save_checkpoint(self.path)
 
 

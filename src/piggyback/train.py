@@ -23,6 +23,7 @@ from piggyback.console import OncePerRun
 from piggyback.data.base import TaskDataModule
 from piggyback.instantiate import build
 from piggyback.resolvers import register_resolvers
+from piggyback.run_lock import RunLock
 from piggyback.training.interrupt import Interrupted, report_interrupt
 from piggyback.training.records import print_tables, run_summary
 from piggyback.training.run_folder import RunFolder
@@ -48,7 +49,14 @@ __all__ = [
 
 @OncePerRun()
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train every task of ``cfg.data`` on one backbone; returns flat metrics."""
+    """Train every task of ``cfg.data`` on one backbone; returns flat metrics.
+
+    One run per output folder: another run holding it is refused at once (``RunLocked``)."""
+    with RunLock(cfg.paths.output_dir):  # before any work
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, Any]:
     tasks = task_configs(cfg.data)
     check_config(cfg, tasks)
     L.seed_everything(cfg.get("seed", 0), workers=True)

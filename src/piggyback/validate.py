@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from piggyback.backbones.base import torch_load_failure
+from piggyback.finite_loss import MODES as NONFINITE_LOSS_MODES  # issue 18
 from piggyback.formats import MASK_ENCODINGS, canonical_encoding
 from piggyback.instantiate import to_dict
 from piggyback.methods import build_method
@@ -54,6 +55,7 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
     _choice(cfg, "mask.threshold_fn", mask.get("threshold_fn", "binarizer"), THRESHOLD_FNS)
     _choice(cfg, "mask.mask_init", mask.get("mask_init", "1s"), MASK_INITS)
     _choice(cfg, "mask.grad_rescale", mask.get("grad_rescale", "none"), GRAD_RESCALES)
+    _choice(cfg, "nonfinite_loss", cfg.get("nonfinite_loss", "stop"), NONFINITE_LOSS_MODES)  # 18
     if encoding == "rice" and mask.get("threshold_fn") == "ternarizer":
         raise ConfigError(
             "artifact_encoding=rice stores binary masks only; use artifact_encoding=bits "

@@ -37,6 +37,7 @@ from piggyback.data.decathlon_devkit import (
     to_int,
     write_results_json,
 )
+from piggyback.data.folders import check_data_folder
 from piggyback.data.images import ImageListDataset
 from piggyback.data.transforms import decathlon_geometry, decathlon_transform
 from piggyback.metrics import DECATHLON_DOMAINS
@@ -147,6 +148,12 @@ class DecathlonDataModule(TaskDataModule):
 
     def _annotations(self, split: str) -> Annotations:
         if split not in self._ann:
+            # issue 18: a file, a dangling link or an unreadable folder is named as such
+            check_data_folder(
+                self.devkit_dir,
+                f"task {self.task_name!r}: decathlon devkit folder",
+                "set data.root to the folder that contains it",
+            )
             if not self.devkit_dir.is_dir():
                 raise DataError(
                     f"task {self.task_name!r}: decathlon devkit folder {self.devkit_dir} not "

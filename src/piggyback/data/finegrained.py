@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import folder
 
 from piggyback.data.base import DataError, LoaderOptions, TaskDataModule
+from piggyback.data.folders import check_data_folder
 from piggyback.data.images import ImageListDataset, check_image_file, split_indices
 from piggyback.data.transforms import IMAGENET_MEAN, IMAGENET_STD, finegrained_transform
 
@@ -137,6 +138,12 @@ class ImageFolderDataModule(TaskDataModule):
         return self.root / self.name if self.name else self.root
 
     def _split_dir(self, split: str) -> Path:
+        # issue 18: a file, a dangling link or an unreadable folder is named as such
+        check_data_folder(
+            self.dataset_dir,
+            f"task {self.task_name!r}: dataset folder",
+            "set data.root to the data set's folder",
+        )
         if not self.dataset_dir.is_dir():
             raise DataError(
                 f"task {self.task_name!r}: dataset folder {self.dataset_dir} not found; "

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from piggyback.atomic import atomic_write_text
 from piggyback.evaluation.rebuild import task_data_config
 from piggyback.evaluation.runs import Entry
 from piggyback.formats import TaskArtifact
@@ -116,10 +117,14 @@ def add_decathlon_points(row: dict[str, Any], artifact: TaskArtifact) -> None:
 
 def write_report(result: dict[str, Any], report: str, output_dir: Path) -> None:
     """``results.md/json/csv`` and, when methods are compared, ``comparison.md/csv``."""
-    (output_dir / "results.md").write_text(report + "\n")
-    (output_dir / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    # atomic: a full disk is one line and the previous report stays whole
+    atomic_write_text(output_dir / "results.md", report + "\n", overwrite=True)
+    results_json = json.dumps(result, indent=2, default=str)
+    atomic_write_text(output_dir / "results.json", results_json, overwrite=True)
     write_csv(output_dir / "results.csv", TABLE_COLUMNS, result["rows"])
     if result["comparison"]:
         comp = result["comparison"]
-        (output_dir / "comparison.md").write_text(format_comparison(comp) + "\n")
+        atomic_write_text(
+            output_dir / "comparison.md", format_comparison(comp) + "\n", overwrite=True
+        )
         write_csv(output_dir / "comparison.csv", comp["columns"], comp["rows"])

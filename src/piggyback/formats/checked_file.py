@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from piggyback.atomic import atomic_write
+from piggyback.atomic import atomic_write_stream
 
 
 class ArtifactError(ValueError):
@@ -49,8 +49,9 @@ def write_checked_file(
     place, so a crash never leaves half a file and an existing file is never clobbered."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
+        error = FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+        error.path = str(path)  # type: ignore[attr-defined]  # for write_errors.exists_for_cli
+        raise error
     meta_json = json.dumps(meta, default=str)  # insertion order = network order
     metadata = {
         "format": file_format,
@@ -58,9 +59,10 @@ def write_checked_file(
         "meta": meta_json,
         "digest": _digest(meta_json, tensors),
     }
-    atomic_write(
-        path, lambda tmp: save_file(dict(tensors), tmp, metadata=metadata), overwrite=overwrite
-    )
+    # serialized in memory, written by atomic_write_stream: a full disk then reads as one
+    # (safetensors' own writer turns it into an opaque SafetensorError)
+    data = save(dict(tensors), metadata=metadata)
+    atomic_write_stream(path, lambda handle: handle.write(data), overwrite=overwrite)
     return path
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from piggyback.finite_loss import FiniteLossCheck
 from piggyback.instantiate import build, build_all
 from piggyback.resolvers import fresh_subdir
 from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
@@ -65,6 +66,14 @@ def task_trainer(
     callbacks = build_callbacks(cfg, task, has_logger=bool(loggers))
     callbacks.append(RNGStateCheckpoint())  # before the exception checkpoint saves its state
     callbacks.append(InterruptCheckpoint(ckpt_dir))
+    callbacks.append(  # stop at the first non-finite training loss (nonfinite_loss=warn: warn)
+        FiniteLossCheck(
+            task,
+            ckpt_dir / "last.ckpt",
+            cfg.method.get("lr_scale", 1.0),
+            cfg.get("nonfinite_loss", "stop"),
+        )
+    )
     quiet = {} if model_summary else {"enable_model_summary": False}
     return build(cfg.trainer, logger=loggers or False, callbacks=callbacks, **quiet)
 
