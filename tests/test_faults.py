@@ -467,7 +467,7 @@ def test_nonfinite_loss_warn_trains_on(make_cfg, capsys, monkeypatch):
 
 def test_nonfinite_loss_in_a_multirun_is_a_failed_job(make_cfg, capsys, monkeypatch):
     cfg = _poisoned(make_cfg, monkeypatch)
-    monkeypatch.setattr("piggyback.train._multirun_job", lambda: "job 3 (method.lr_scale=1)")
+    monkeypatch.setattr("piggyback.cli.multirun_job", lambda: "job 3 (method.lr_scale=1)")
     assert run(cfg) is None  # returns: the sweep's other jobs go on
     error = (Path(cfg.paths.output_dir) / "error.txt").read_text()
     assert error.startswith(
