@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from piggyback.data.digits import DigitsDataModule
-from piggyback.formats import ArtifactError
+from piggyback.formats import ArtifactError, load_artifact
 from piggyback.methods import CPG, apply_artifact, build_method
 from piggyback.methods.ownership import FREE, owner_bits
 from piggyback.multitask import MultiTaskModel
@@ -223,3 +223,47 @@ def test_cpg_runs_the_demo_sequence_from_the_cli(tmp_path):
     assert summary["cl"]["bwt"] == 0.0
     names = sorted(p.name for p in (tmp_path / "artifacts").iterdir())
     assert names == [f"digits_{t}.safetensors" for t in ("inverted", "mod3", "rotated")]
+
+
+def test_resume_in_the_middle_of_compaction_equals_the_uninterrupted_run(make_cfg, tmp_path):
+    """Resumed after the first pruning round: the same rounds, owners and weights follow."""
+    from omegaconf import open_dict
+
+    args = ("data=digits/rotated", "method=cpg", "method.prune_step=0.3", "trainer.max_epochs=3")
+    args += ("+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")
+    args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
+    args += ("logger=none", "callbacks=none", "method.lr_scale=10")
+
+    def run(out: str, *extra: str) -> Path:
+        cfg = make_cfg(*args, *extra)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / out)
+            cfg.callbacks = {
+                "each_epoch": {
+                    "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "dirpath": str(tmp_path / out / "epochs"),
+                    "filename": "e{epoch}",
+                    "auto_insert_metric_name": False,
+                    "monitor": None,
+                    "save_top_k": -1,
+                }
+            }
+        train(cfg)
+        return tmp_path / out / "epochs" / "digits_rotated" / "e2.ckpt"
+
+    ab = ("full", "resumed")
+    full = run("full")
+    middle = tmp_path / "full" / "epochs" / "digits_rotated" / "e1.ckpt"  # after round 1
+    resumed = run("resumed", f"resume={middle}")
+    a, b = (torch.load(p, weights_only=False) for p in (full, resumed))
+    state_m = torch.load(middle, weights_only=False)["piggyback"]["method_state"]
+    assert state_m["compaction"]["rounds"] == 1  # the checkpoint is mid-compaction
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    sa, sb = a["piggyback"]["method_state"], b["piggyback"]["method_state"]
+    assert all(torch.equal(sa["owners"][n], sb["owners"][n]) for n in sa["owners"])
+    # the final judgement (after the last epoch) and the stored task agree too
+    arts = [load_artifact(tmp_path / o / "artifacts" / "digits_rotated.safetensors") for o in ab]
+    assert arts[0].extra_meta["compaction"] == arts[1].extra_meta["compaction"]
+    assert [s for s, _ in arts[0].extra_meta["compaction"]["history"]][:2] == [0.0, 0.3]
+    assert all(torch.equal(arts[0].extra[k], arts[1].extra[k]) for k in arts[0].extra)
