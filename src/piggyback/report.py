@@ -19,7 +19,14 @@ from omegaconf import DictConfig
 from piggyback.instantiate import build
 
 # the paper's column order; packnet gets its column as soon as its artifacts exist
-METHOD_ORDER = ("classifier_only", "finetune", "finetune_sequential", "packnet", "piggyback")
+METHOD_ORDER = (
+    "classifier_only",
+    "finetune",
+    "finetune_sequential",
+    "packnet",
+    "piggyback",
+    "cpg",
+)
 TABLE_COLUMNS = (
     "task",
     "method",
