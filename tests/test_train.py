@@ -29,7 +29,15 @@ TINY = (
 
 @pytest.mark.parametrize(
     "method",
-    ["piggyback", "piggyback_bn", "finetune", "finetune_sequential", "classifier_only", "packnet"],
+    [
+        "piggyback",
+        "piggyback_bn",
+        "finetune",
+        "finetune_sequential",
+        "classifier_only",
+        "packnet",
+        "cpg",
+    ],
 )
 def test_fast_dev_run_each_method(make_cfg, method):
     cfg = make_cfg("data=digits/rotated", f"method={method}", "debug=fast")
@@ -42,7 +50,8 @@ def test_fast_dev_run_each_method(make_cfg, method):
     assert bool(artifact.masks) == (cfg.method.name == "piggyback")
     assert bool(artifact.bn_state) == (method == "piggyback_bn")
     assert bool(artifact.weights) == method.startswith("finetune")
-    assert bool(artifact.extra) == (method == "packnet")  # owner index + owned values
+    # owner index + owned values (+ CPG's pick bits)
+    assert bool(artifact.extra) == (method in ("packnet", "cpg"))
 
 
 def test_packnet_runs_the_demo_sequence(make_cfg):

@@ -301,6 +301,9 @@ class PiggybackModule(L.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.method.on_train_batch_end(self)
 
+    def on_validation_epoch_end(self) -> None:
+        self.method.on_validation_epoch_end(self)
+
     def on_train_end(self) -> None:
         self.method.on_train_end(self)
 

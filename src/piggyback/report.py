@@ -20,7 +20,14 @@ from piggyback.atomic import atomic_write_text
 from piggyback.instantiate import build
 
 # the paper's column order; packnet gets its column as soon as its artifacts exist
-METHOD_ORDER = ("classifier_only", "finetune", "finetune_sequential", "packnet", "piggyback")
+METHOD_ORDER = (
+    "classifier_only",
+    "finetune",
+    "finetune_sequential",
+    "packnet",
+    "piggyback",
+    "cpg",
+)
 TABLE_COLUMNS = (
     "task",
     "method",

@@ -62,7 +62,7 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
             "with mask.threshold_fn=ternarizer"
         )
     try:  # the method's own checks (prune fractions, bn mode, lr_scale, ...)
-        build_method(to_dict(cfg.method))
+        method = build_method(to_dict(cfg.method))
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
     names = []
@@ -71,6 +71,11 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
         if name in names:
             raise ConfigError(f"task name {name!r} is used twice in data.tasks")
         names.append(name)
+    try:  # the method's checks against the task names (CPG's per-task reference accuracy)
+        method.check_tasks(names)
+    except ValueError as exc:
+        raise ConfigError(f"method: {exc}") from None
+    for data_cfg in task_cfgs:
         for key in ("batch_size", "eval_batch_size"):
             value = data_cfg.get(key)
             if value is not None and (not isinstance(value, int) or value < 1):

@@ -55,6 +55,7 @@ def test_registry_and_specs():
         ("finetune", ["backbone", "head"], {"weight", "bn"}),
         ("finetune_sequential", ["backbone", "head"], {"weight", "bn"}),
         ("packnet", ["backbone", "head"], {"weight"}),
+        ("cpg", ["backbone", "masks", "head"], {"weight", "mask_real"}),
     ],
 )
 def test_parameter_groups_and_what_trains(demo_cache, method, groups, trainable):

@@ -2,12 +2,14 @@
 
 ``build_method`` turns a config (``_target_``) or a registered name into an object;
 ``method_class`` finds the class an artifact was written by; ``apply_artifact`` and
-``extract_artifact`` move a task between a backbone and its artifact.
+``extract_artifact`` move a task between a backbone and its artifact. PackNet and CPG share
+the weight-ownership machinery of ``ownership``.
 """
 
 from piggyback.formats import ArtifactParts, bn_state_dict
 from piggyback.methods.base import BN_MODES, BN_TYPES, REGISTRY, Method
 from piggyback.methods.classifier_only import ClassifierOnly
+from piggyback.methods.cpg import CPG
 from piggyback.methods.finetune import Finetune, FinetuneSequential
 from piggyback.methods.hosts import InferenceHost, TaskState, TrainingHost
 from piggyback.methods.packnet import PackNet
@@ -23,6 +25,7 @@ from piggyback.methods.registry import (
 __all__ = [
     "BN_MODES",
     "BN_TYPES",
+    "CPG",
     "REGISTRY",
     "ArtifactParts",
     "ClassifierOnly",

@@ -82,6 +82,9 @@ class Method:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bn={self.bn!r})"
 
+    def check_tasks(self, tasks: list[str]) -> None:
+        """Config-time check against the sequence's task names; ``ValueError`` if unusable."""
+
     # ------------------------------------------------------------ the backbone
     @property
     def trains_bn(self) -> bool:
@@ -140,6 +143,9 @@ class Method:
 
     def on_after_backward(self, module: TrainingHost) -> None:
         """Gradient hook (PackNet keeps earlier tasks' weights out of the update)."""
+
+    def on_validation_epoch_end(self, module: TrainingHost) -> None:
+        """After each validation pass (CPG reads ``val/acc`` to decide how far to prune)."""
 
     def on_train_end(self, module: TrainingHost) -> None:
         """End of a task's training (PackNet prunes here when no retraining is left)."""

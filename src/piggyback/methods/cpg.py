@@ -1,0 +1,403 @@
+"""CPG (Hung et al., NeurIPS 2019): compacting, picking (and growing) for unforgetting.
+
+Tasks are learned in order on one network whose weights are owned (see ``ownership``; the
+pretrained network is task 0). Task ``t``:
+
+1. **Picks and trains.** A learned binary Piggyback mask over the weights that earlier tasks
+   own (``mask_real`` with the straight-through threshold) *picks* which of them task ``t``
+   reuses, while the weights no task owns yet (free, starting from zero) are trained. The
+   earlier weights themselves never change. Before the first task, ``initial_prune`` of the
+   pretrained weights (smallest magnitude, per layer) are released, as in PackNet: without
+   ImageNet data the pretrained task cannot be compacted against an accuracy goal.
+2. **Compacts.** The last ``compact_epochs`` epochs run in rounds of ``round_epochs``: each
+   round prunes ``prune_step`` more of the task's own weights (per layer, by magnitude, as a
+   fraction of what the task owned before compacting, at most ``max_prune``) and retrains the
+   rest with the pick mask frozen (the reference code's ``lr_mask 0`` while pruning). After
+   every round the validation accuracy is compared with the task's **goal**; the first round
+   below it ends compaction and the state of the last round that met it (weights, ownership,
+   pick mask, head, BN) is restored. No checkpoint is picked by hand: the rule is "the
+   sparsest round whose validation accuracy meets the goal". The pruned weights are released
+   (zero, ``FREE``) to later tasks.
+3. **Grows** when the goal cannot be met: not implemented (``grow=true`` is refused); a task
+   that misses its goal before pruning keeps all its weights (``cpg/pruned`` stays 0).
+
+The goal is ``goal × reference``: ``reference`` is the individually fine-tuned accuracy of
+each task (a mapping ``{task: accuracy}``, fractions as in ``test/acc``: e.g. from a
+``method=finetune`` run's ``metrics.json``; the paper's setting), one number for every task
+(an absolute goal), or ``null``: the task's own validation accuracy reached after step 1,
+before any pruning (so ``goal=1.0`` means "no loss at all", ``goal=0.98`` "at most 2 % of it").
+Accuracies are validation accuracies (``val/acc``), never test.
+
+Storage per task: its pick mask (1 bit per weight that earlier tasks own), plus, as PackNet,
+the owner index and the float values of the weights it owns, plus its head (and BN when
+``bn=train``). Earlier tasks' predictions are bit-identical after later tasks: their weights
+are frozen and read through the same masks. Differences to the reference code, for a short
+budget: one pruning step at the start of each round instead of a cubic ramp within it, and no
+optional "retrain mask and weights again" pass after compaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from piggyback.formats import ArtifactParts, TaskArtifact, bn_state_dict, load_bn_state
+from piggyback.methods.base import TaskState
+from piggyback.methods.hosts import TrainingHost
+from piggyback.methods.ownership import (
+    FREE,
+    OwnedWeights,
+    pack_codes,
+    prune_smallest,
+    unpack_codes,
+)
+from piggyback.nn import mask_parameters, masked_weights, quantize, reset_masks
+
+log = logging.getLogger(__name__)
+
+OWN = 1.0
+"""``mask_real`` of the weights the current task owns: far above any threshold, never learned."""
+
+
+def _fraction(label: str, value: float) -> float:
+    if not 0.0 < float(value) <= 1.0:
+        raise ValueError(
+            f"cpg {label} must be an accuracy as a fraction in (0, 1] (0.83, not 83), got {value}"
+        )
+    return float(value)
+
+
+class CPG(OwnedWeights):
+    """Pick earlier tasks' weights with a mask, train the free ones, compact to a goal."""
+
+    name = "cpg"
+    default_lr = {"backbone": 5e-4, "masks": 1e-4, "head": 1e-4, "bn": 1e-4}
+    may_forget = False
+    # the pick mask is always binary (1 bit per earlier weight): no threshold_fn option
+    mask_option_keys = ("target", "exclude", "threshold", "grad_rescale")
+
+    def __init__(
+        self,
+        *,
+        goal: float = 1.0,
+        reference: float | Mapping[str, float] | None = None,
+        initial_prune: float = 0.5,
+        prune_step: float = 0.1,
+        max_prune: float = 0.9,
+        compact_epochs: int = 2,
+        round_epochs: int = 1,
+        grow: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        if grow:
+            raise ValueError(
+                "cpg grow=true is not supported yet (the network is never widened); set "
+                "method.grow=false and, if a task misses its goal, lower method.goal"
+            )
+        if not goal > 0:
+            raise ValueError(f"cpg goal must be > 0 (a fraction of the reference), got {goal}")
+        if isinstance(reference, Mapping):
+            reference = {str(k): _fraction(f"reference.{k}", v) for k, v in reference.items()}
+        elif reference is not None:
+            reference = _fraction("reference", reference)
+        for label, value in (("initial_prune", initial_prune), ("max_prune", max_prune)):
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"cpg {label} must be in [0, 1), got {value}")
+        if not 0.0 < prune_step < 1.0:
+            raise ValueError(f"cpg prune_step must be in (0, 1), got {prune_step}")
+        if compact_epochs < 0 or round_epochs < 1:
+            raise ValueError(
+                f"cpg needs compact_epochs >= 0 and round_epochs >= 1, got {compact_epochs} "
+                f"and {round_epochs}"
+            )
+        self.goal = float(goal)
+        self.reference = reference
+        self.initial_prune = initial_prune
+        self.prune_step = prune_step
+        self.max_prune = max_prune
+        self.compact_epochs = compact_epochs
+        self.round_epochs = round_epochs
+        self.results: dict[str, dict[str, Any]] = {}  # task -> pruned, goal, history
+        self.compaction: dict[str, Any] = {}
+
+    def check_tasks(self, tasks: list[str]) -> None:
+        """A per-task reference must name every task of the sequence (checked before training)."""
+        if isinstance(self.reference, Mapping):
+            missing = [t for t in tasks if t not in self.reference]
+            if missing:
+                raise ValueError(
+                    f"cpg reference has no accuracy for tasks {missing}; give one per task "
+                    "(method.reference={task: accuracy}) or method.reference=null"
+                )
+
+    # ------------------------------------------------------------ the backbone
+    def freeze(self, module: TrainingHost) -> None:
+        super().freeze(module)
+        for param in mask_parameters(module.backbone):
+            param.requires_grad_(True)
+
+    def backbone_groups(self, module: TrainingHost) -> list[dict[str, Any]]:
+        masks = {"name": "masks", "params": list(mask_parameters(module.backbone))}
+        masks.update(lr=self.lr["masks"], weight_decay=0.0)
+        return [*super().backbone_groups(module), masks]
+
+    # ------------------------------------------------------------------ tasks
+    def start_task(self, module: TrainingHost, task: str) -> None:
+        self.order.append(task)
+        index = self._index(task)
+        if index == 1 and self.initial_prune > 0:
+            self.free(module, 0, self.initial_prune)  # room in the pretrained network
+        self.claim_free(module, index)
+        cfg = module.mask_cfg
+        reset_masks(module.backbone, cfg["mask_init"], cfg["mask_scale"])  # the pick mask
+        with torch.no_grad():
+            for name, mask in masked_weights(module.backbone):
+                owners = self.owners[name].to(mask.mask_real.device)
+                mask.mask_real[owners == index] = OWN
+                mask.mask_real[owners > index] = 0.0  # FREE: nothing is free right now
+        self.compaction = {
+            "val_acc": {},  # epoch -> validation accuracy
+            "rounds": 0,
+            "sparsity": 0.0,
+            "done": False,
+            "restore": False,
+            "goal_acc": None,
+            "history": [],  # [sparsity, val acc] of every evaluated state
+            "snapshot": None,
+            "initial_owned": {n: int((o == index).sum()) for n, o in self.owners.items()},
+            "finished": False,
+        }
+        super().start_task(module, task)
+
+    @torch.no_grad()
+    def _pick(self, module: TrainingHost) -> dict[str, torch.Tensor]:
+        """The current task's pick bits, packed, over the weights earlier tasks own."""
+        index = self._index(module.task)
+        out = {}
+        for name, mask in masked_weights(module.backbone):
+            earlier = (self.owners[name] < index).to(mask.mask_real.device)
+            bits = quantize(mask.mask_real.detach(), mask.threshold, "binarizer")[earlier]
+            out[name] = pack_codes(bits.cpu(), 1)
+        return out
+
+    def store_task(self, module: TrainingHost, state: TaskState) -> None:
+        state.stored["pick"] = self._pick(module)
+        super().store_task(module, state)
+
+    @staticmethod
+    def _mask(owners: torch.Tensor, index: int, pick: torch.Tensor) -> torch.Tensor:
+        """Task ``index``'s 0/1 mask: picked earlier weights and its own ones."""
+        mask = owners == index
+        earlier = owners < index
+        mask[earlier] = unpack_codes(pick, int(earlier.sum()), 1).bool()
+        return mask
+
+    def activate_task(self, module: TrainingHost, state: TaskState) -> None:
+        index = self._index(module.task)
+        for name, mask in masked_weights(module.backbone):
+            keep = self._mask(self.owners[name], index, state.stored["pick"][name])
+            mask.set_mask(keep.to(mask.mask_real.device))
+        super().activate_task(module, state)
+
+    # ------------------------------------------------------- training hooks
+    def _compacting(self, module: TrainingHost) -> bool:
+        return self.compaction.get("rounds", 0) > 0
+
+    def on_after_backward(self, module: TrainingHost) -> None:
+        """Own weights learn; the pick mask learns over earlier weights, and not while pruning."""
+        super().on_after_backward(module)
+        index = self._index(module.task)
+        frozen = self._compacting(module)
+        for name, mask in masked_weights(module.backbone):
+            grad = mask.mask_real.grad
+            if grad is None:
+                continue
+            if frozen:
+                grad.zero_()
+            else:
+                grad.mul_((self.owners[name] < index).to(grad.device, grad.dtype))
+
+    def on_validation_epoch_end(self, module: TrainingHost) -> None:
+        trainer = module.trainer
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        acc = self.validation_accuracy(module)
+        if acc is not None:
+            self.compaction["val_acc"][int(trainer.current_epoch)] = acc
+
+    def validation_accuracy(self, module: TrainingHost) -> float | None:
+        """This epoch's ``val/acc`` (Lightning has computed it when the hook runs)."""
+        acc = module.trainer.callback_metrics.get("val/acc")
+        return None if acc is None else float(acc)
+
+    def _first_round_epoch(self, module: TrainingHost) -> int:
+        return max((module.trainer.max_epochs or 1) - self.compact_epochs, 1)
+
+    def on_train_epoch_start(self, module: TrainingHost) -> None:
+        """Start the compaction rounds that are due by this epoch (once each, resume-safe)."""
+        state = self.compaction
+        state["finished"] = False  # training runs (again, after a resume)
+        trainer = module.trainer
+        epoch = int(trainer.current_epoch)
+        if self.compact_epochs and epoch == 0 and not trainer.limit_val_batches:
+            raise ValueError(
+                "cpg compacts each task by its validation accuracy, but validation is off "
+                "(trainer.limit_val_batches=0); enable it or set method.compact_epochs=0"
+            )
+        first = self._first_round_epoch(module)
+        rounds_total = math.ceil(((trainer.max_epochs or 1) - first) / self.round_epochs)
+        due = 0 if epoch < first else min((epoch - first) // self.round_epochs + 1, rounds_total)
+        while state["rounds"] < due and not state["done"]:
+            self._next_round(module, epoch)
+        if state["done"] and state["rounds"]:
+            trainer.should_stop = True
+
+    def _evaluate(self, module: TrainingHost, acc: float | None) -> bool:
+        """Record the state just trained; keep a snapshot of it when it meets the goal."""
+        state = self.compaction
+        if state["goal_acc"] is None:
+            reference = self.reference
+            if isinstance(reference, Mapping):
+                reference = reference[module.task]
+            if reference is None:
+                reference = acc  # the accuracy before pruning
+            state["goal_acc"] = None if reference is None else self.goal * reference
+        state["history"].append([state["sparsity"], acc])
+        if acc is not None and state["goal_acc"] is not None and acc >= state["goal_acc"]:
+            state["snapshot"] = self._snapshot(module, acc)
+            return True
+        state["done"] = True
+        state["restore"] = state["snapshot"] is not None
+        if state["snapshot"] is None:
+            log.warning(
+                "cpg task %r: validation accuracy %s before pruning is below its goal %s; the "
+                "task keeps all its weights (growing the network is not supported)",
+                module.task,
+                acc,
+                state["goal_acc"],
+            )
+        return False
+
+    def _next_round(self, module: TrainingHost, epoch: int) -> None:
+        state = self.compaction
+        if not self._evaluate(module, state["val_acc"].get(epoch - 1)):
+            return
+        target = min((state["rounds"] + 1) * self.prune_step, self.max_prune)
+        if target <= state["sparsity"]:
+            state["done"] = True  # max_prune reached: nothing left to try
+            return
+        self._prune_to(module, target)
+        state["rounds"] += 1
+        state["sparsity"] = target
+        state["round_start"] = epoch
+
+    @torch.no_grad()
+    def _prune_to(self, module: TrainingHost, target: float) -> None:
+        """Per layer: keep ``1 - target`` of what the task owned before compacting."""
+        index = self._index(module.task)
+        initial = self.compaction["initial_owned"]
+        for name, mask in masked_weights(module.backbone):
+            own = self.owners[name] == index
+            keep = int(round((1.0 - target) * initial[name]))
+            pruned = prune_smallest(mask.weight.cpu(), own, int(own.sum()) - keep)
+            self._release(mask, name, pruned)
+            mask.mask_real[pruned.to(mask.mask_real.device)] = 0.0
+
+    def on_train_end(self, module: TrainingHost) -> None:
+        """Judge the last round, restore the sparsest state that met the goal, free the rest."""
+        state = self.compaction
+        if state.get("finished", True):
+            return
+        if state["rounds"] and not state["done"]:
+            latest = max(state["val_acc"], default=-1)
+            acc = state["val_acc"][latest] if latest >= state["round_start"] else None
+            self._evaluate(module, acc)
+        if state["restore"]:
+            self._restore(module, state["snapshot"])
+        self.zero_free(module)  # momentum may have nudged pruned weights after pruning
+        index = self._index(module.task)
+        initial = sum(state["initial_owned"].values())
+        self.results[module.task] = {
+            "pruned": 1.0 - self.owned(index) / initial if initial else 0.0,
+            "goal_accuracy": state["goal_acc"],
+            "history": state["history"],  # [pruned fraction, val acc] per evaluated state
+        }
+        state["finished"] = True
+
+    def _snapshot(self, module: TrainingHost, acc: float) -> dict[str, Any]:
+        index = self._index(module.task)
+        snap: dict[str, Any] = {"acc": acc, "sparsity": self.compaction["sparsity"]}
+        snap["owned"] = {n: o == index for n, o in self.owners.items()}
+        snap["values"], snap["mask_real"] = {}, {}
+        for name, mask in masked_weights(module.backbone):
+            own = snap["owned"][name].to(mask.weight.device)
+            snap["values"][name] = mask.weight.detach()[own].cpu().clone()
+            snap["mask_real"][name] = mask.mask_real.detach().cpu().clone()
+        snap["head"] = {k: v.detach().cpu().clone() for k, v in module.head.state_dict().items()}
+        snap["bn"] = bn_state_dict(module.backbone) if self.trains_bn else {}
+        return snap
+
+    @torch.no_grad()
+    def _restore(self, module: TrainingHost, snap: dict[str, Any]) -> None:
+        index = self._index(module.task)
+        for name, mask in masked_weights(module.backbone):
+            owners = self.owners[name]
+            owners[owners == index] = FREE
+            owners[snap["owned"][name]] = index
+            own = snap["owned"][name].to(mask.weight.device)
+            mask.weight[own] = snap["values"][name].to(mask.weight)
+            mask.mask_real.copy_(snap["mask_real"][name])
+        module.head.load_state_dict(snap["head"])
+        if snap["bn"]:
+            load_bn_state(module.backbone, snap["bn"])
+        self.compaction["sparsity"] = snap["sparsity"]
+
+    def epoch_metrics(self, module: TrainingHost) -> dict[str, float]:
+        index = self._index(module.task)
+        total = sum(o.numel() for o in self.owners.values())
+        earlier = picked = 0
+        for name, mask in masked_weights(module.backbone):
+            before = (self.owners[name] < index).to(mask.mask_real.device)
+            earlier += int(before.sum())
+            picked += int((mask.mask_real.detach()[before] > mask.threshold).sum())
+        free = sum(int((o == FREE).sum()) for o in self.owners.values())
+        return {
+            "cpg/free": free / total,
+            "cpg/owned": self.owned(index) / total,
+            "cpg/picked": picked / earlier if earlier else 0.0,
+            "cpg/pruned": float(self.compaction.get("sparsity", 0.0)),
+        }
+
+    def checkpoint_state(self, module: TrainingHost) -> dict[str, Any]:
+        return {
+            **super().checkpoint_state(module),
+            "results": self.results,
+            "compaction": self.compaction,
+        }
+
+    def load_checkpoint_state(self, module: TrainingHost, state: dict[str, Any]) -> None:
+        super().load_checkpoint_state(module, state)
+        self.results = dict(state["results"])
+        self.compaction = state["compaction"]
+
+    # --------------------------------------------------------------- artifacts
+    def export(self, module: TrainingHost, encoding: str) -> ArtifactParts:
+        """Pick bits (1 per earlier-owned weight) + owner index + owned values (+ BN)."""
+        parts = super().export(module, encoding)
+        index = self._index(module.task)
+        for name, packed in self._pick(module).items():
+            parts.extra[f"pick/{name}"] = packed
+        self.export_ownership(module, parts, index)
+        parts.extra_meta["compaction"] = self.results.get(module.task, {})
+        return parts
+
+    @classmethod
+    def task_mask(
+        cls, name: str, owners: torch.Tensor, index: int, artifact: TaskArtifact
+    ) -> torch.Tensor:
+        return cls._mask(owners, index, artifact.extra[f"pick/{name}"])
