@@ -90,7 +90,7 @@ class Piggyback(Method):
         state.stored["versions"] = self._versions(module)
 
     def epoch_metrics(self, module: TrainingHost) -> dict[str, float]:
-        masks = get_masks(module.backbone)
+        masks = get_masks(module.backbone, per_weight=True)  # weights, not mask units
         metrics = {"masks/zeros": total_sparsity(masks)}
         if module.log_layer_sparsity:
             per_layer = layer_sparsity(masks)

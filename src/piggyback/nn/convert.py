@@ -203,9 +203,16 @@ def num_mask_units(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The current thresholded mask of every masked weight, by parameter name."""
-    return {name: mask.mask() for name, mask in masked_weights(model)}
+def get_masks(model: nn.Module, *, per_weight: bool = False) -> dict[str, torch.Tensor]:
+    """The current thresholded mask of every masked weight, by parameter name.
+
+    Masks have their granularity's unit shape; ``per_weight=True`` expands each to its
+    weight's shape (a view), so statistics count weights rather than mask units.
+    """
+    masks = {name: (mask, mask.mask()) for name, mask in masked_weights(model)}
+    if not per_weight:
+        return {name: m for name, (_, m) in masks.items()}
+    return {name: m.expand(layer.weight.shape) for name, (layer, m) in masks.items()}
 
 
 @torch.no_grad()
