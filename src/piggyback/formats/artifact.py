@@ -79,9 +79,7 @@ class TaskArtifact:
 
     def weight_masks(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Each layer's 0/1 mask expanded to its weight's shape (scales left out)."""
-        return {
-            name: m.unpack(dtype).expand(m.weight_shape) for name, m in self.masks.items()
-        }
+        return {name: m.unpack(dtype).expand(m.weight_shape) for name, m in self.masks.items()}
 
     def mask_weights(self) -> dict[str, int]:
         """Weights gated by each mask *unit*, per layer (statistics weight units by it)."""
@@ -161,9 +159,8 @@ def artifact_version(artifact: TaskArtifact) -> int:
 
 def artifact_tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
     tensors = {f"mask/{n}": m.data.contiguous() for n, m in artifact.masks.items()}
-    tensors.update(
-        {f"scale/{n}": m.scale.contiguous() for n, m in artifact.masks.items() if m.scale is not None}
-    )
+    scales = {n: m.scale for n, m in artifact.masks.items() if m.scale is not None}
+    tensors.update({f"scale/{n}": s.contiguous() for n, s in scales.items()})
     tensors.update({f"head/{k}": v.contiguous() for k, v in artifact.head.items()})
     tensors.update({f"bn/{k}": v.contiguous() for k, v in artifact.bn_state.items()})
     tensors.update({f"weights/{k}": v.contiguous() for k, v in artifact.weights.items()})

@@ -10,8 +10,8 @@ from piggyback.methods.base import BN_MODES, BN_TYPES, REGISTRY, Method
 from piggyback.methods.classifier_only import ClassifierOnly
 from piggyback.methods.finetune import Finetune, FinetuneSequential
 from piggyback.methods.hosts import InferenceHost, TaskState, TrainingHost
-from piggyback.methods.packnet import PackNet
 from piggyback.methods.ksm import KSM
+from piggyback.methods.packnet import PackNet
 from piggyback.methods.piggyback import Piggyback
 from piggyback.methods.registry import (
     apply_artifact,

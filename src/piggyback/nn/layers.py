@@ -95,8 +95,7 @@ def check_unit_shape(weight_shape: tuple[int, ...], mask_shape: tuple[int, ...])
     )
     if not ok:
         raise ValueError(
-            f"mask of shape {tuple(mask_shape)} does not fit weight of shape "
-            f"{tuple(weight_shape)}"
+            f"mask of shape {tuple(mask_shape)} does not fit weight of shape {tuple(weight_shape)}"
         )
 
 
