@@ -62,7 +62,7 @@ class Piggyback(Method):
         super().start_task(module, task)
 
     @staticmethod
-    def _versions(module: TrainingHost) -> list[int]:
+    def _versions(module: TrainingHost) -> list[tuple[int, int | None]]:
         return [
             (mask.mask_real._version, None if mask.soft_scale is None else mask.soft_scale._version)
             for _, mask in masked_weights(module.backbone)
