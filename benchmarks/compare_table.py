@@ -27,7 +27,9 @@ def _runs(root: Path) -> list[dict]:
         vals = [t["val/acc"] for t in tasks.values() if "val/acc" in t]
         runs.append(
             {
-                "method": options.get("method", summary["method"]),
+                # a mask-group sweep (mask=1s,kernel,filter) keeps one row per mask choice
+                "method": options.get("method", summary["method"])
+                + (f" (mask={options['mask']})" if "mask" in options else ""),
                 "lr_scale": options.get("method.lr_scale", "1"),
                 "val": sum(vals) / len(vals) if vals else float("-inf"),
                 "summary": summary,

@@ -251,9 +251,12 @@ def test_resume_from_another_task_method_or_an_artifact_is_refused(tmp_path):
         check_resume(bare, "digits_rotated", "piggyback", "small_cnn")
 
 
-def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path):
-    """Case 7: data order, RNG, optimizer and scheduler state all carry over last.ckpt."""
+@pytest.mark.parametrize("method", ["piggyback", "ksm"])
+def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path, method):
+    """Case 7: data order, RNG, optimizer and scheduler state all carry over last.ckpt
+    (``ksm``: kernel-granular masks and their soft scales too)."""
     args = (*TINY[:1], "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")
+    args += (f"method={method}",)
     args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
     args += ("logger=none", "callbacks=default", "method.scheduler.step_size=2")
 
@@ -269,8 +272,9 @@ def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path):
     a = torch.load(full, weights_only=False)["state_dict"]
     b = torch.load(resumed, weights_only=False)["state_dict"]
     assert a.keys() == b.keys()
-    learned = [k for k in a if "mask_real" in k or k.startswith("heads.")]
+    learned = [k for k in a if k.endswith(("mask_real", "soft_scale")) or k.startswith("heads.")]
     assert learned and any("mask_real" in k for k in learned)
+    assert any(k.endswith("soft_scale") for k in learned) == (method == "ksm")
     start = torch.load(killed, weights_only=False)["state_dict"]
     assert not all(torch.equal(start[k], a[k]) for k in learned)  # epochs 2-3 changed them
     assert all(torch.equal(a[k], b[k]) for k in a)

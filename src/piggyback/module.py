@@ -39,6 +39,9 @@ DEFAULT_MASK = {
     "grad_rescale": "none",
     "target": None,
     "exclude": [],
+    "granularity": "element",
+    "soft": False,
+    "temperature": 1e-2,
 }
 
 
@@ -54,7 +57,14 @@ def _encode_stored(stored: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in stored.items() if k != "versions"}  # stale after a reload
     if "masks" in out:
         out["masks"] = {
-            n: {"data": m.data, "shape": list(m.shape), "kind": m.kind, "encoding": m.encoding}
+            n: {
+                "data": m.data,
+                "shape": list(m.shape),
+                "kind": m.kind,
+                "encoding": m.encoding,
+                "weight_shape": list(m.weight_shape),  # granularity (mask.granularity)
+                "scale": m.scale,  # soft (KSM) masks; None otherwise
+            }
             for n, m in out["masks"].items()
         }
     return out
@@ -64,7 +74,14 @@ def _decode_stored(stored: dict[str, Any]) -> dict[str, Any]:
     out = dict(stored)
     if "masks" in out:
         out["masks"] = {
-            n: PackedMask(m["data"], tuple(m["shape"]), m["kind"], m.get("encoding", "bits"))
+            n: PackedMask(
+                m["data"],
+                tuple(m["shape"]),
+                m["kind"],
+                m.get("encoding", "bits"),
+                weight_shape=tuple(m["weight_shape"]) if "weight_shape" in m else None,
+                scale=m.get("scale"),
+            )
             for n, m in out["masks"].items()
         }
     return out

@@ -113,11 +113,14 @@ def _natural(name: str) -> list[Any]:
 def masks_in_network_order(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
     """The artifact's unpacked masks ordered stem first, as the layers run.
 
+    Kernel- or filter-granular masks come expanded to their weights' shapes (views), so
+    statistics and plots count switched-off weights whatever the granularity.
+
     Artifact files list layers alphabetically (``features.10`` before ``features.3``), which
     would scramble every by-depth plot; the architecture gives the true order, and a natural
     sort is the fallback for architectures that cannot be rebuilt here.
     """
-    masks = artifact.unpacked_masks()
+    masks = artifact.weight_masks()
     try:
         rank = {name: i for i, name in enumerate(layer_order(artifact.backbone))}
     except BackboneError:
@@ -229,10 +232,11 @@ class MultiTaskModel(nn.Module):
                 "settings cannot share one backbone; put them in separate models."
             )
         for name, layer in layers.items():
-            if tuple(artifact.masks[name].shape) != tuple(layer.weight.shape):
+            # weight_shape: masks of any granularity gate a weight of this shape (family)
+            if tuple(artifact.masks[name].weight_shape) != tuple(layer.weight.shape):
                 raise ArtifactError(
-                    f"task {artifact.task!r}: mask for {name!r} has shape "
-                    f"{tuple(artifact.masks[name].shape)}, the layer's weight has "
+                    f"task {artifact.task!r}: mask for {name!r} was learned for a weight of "
+                    f"shape {tuple(artifact.masks[name].weight_shape)}, the layer's weight has "
                     f"{tuple(layer.weight.shape)}"
                 )
 

@@ -150,3 +150,108 @@ def test_materialize_leaves_a_plain_model(name):
     x = _input(name)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), masked(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- granularity and soft masks
+# The same guarantees for kernel / filter masks (one value per k x k kernel / output channel,
+# broadcast onto W) and KSM's soft masks (binary unit x learned real scale), on models that
+# cover k x k, depthwise, 1 x 1 and linear weights and nn.MultiheadAttention.
+GRANULAR_NAMES = ["tv_mobilenet_v3_small", "timm_convnext_atto", "tv_vit_b_16"]
+VARIANTS = [
+    ("kernel", False),
+    ("filter", False),
+    ("element", True),
+    ("kernel", True),
+    ("filter", True),
+]
+VARIANT_IDS = [f"{g}{'-soft' if s else ''}" for g, s in VARIANTS]
+
+
+def _unit_model(name: str, granularity: str, soft: bool, **options) -> nn.Module:
+    masked = _masked_copy(name, granularity=granularity, soft=soft, **options)
+    if soft and options.get("mask_init") == "uniform":
+        with torch.no_grad():  # scales away from 1, so a wrong scale would show
+            for _, mask in masked_weights(masked):
+                mask.soft_scale.uniform_(0.5, 1.5)
+    return masked
+
+
+def _by_hand_units(name: str, masked: nn.Module) -> nn.Module:
+    """An untouched copy with ``W * expand(M [* s])`` written into its weights."""
+    reference = copy.deepcopy(_original(name))
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for pname, mask in masked_weights(masked):
+            units = mask.mask() if mask.soft_scale is None else mask.mask() * mask.soft_scale
+            params[pname].copy_(mask.weight * units.expand(mask.weight.shape))
+    return reference
+
+
+@pytest.mark.parametrize(("granularity", "soft"), VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("name", GRANULAR_NAMES)
+def test_units_1s_masks_are_bit_identical(name, granularity, soft):
+    masked = _unit_model(name, granularity, soft)
+    for pname, mask in masked_weights(masked):
+        weight = tuple(mask.weight.shape)
+        if granularity == "filter":
+            assert mask.unit_shape == (weight[0],) + (1,) * (len(weight) - 1), pname
+        elif granularity == "kernel":
+            assert mask.unit_shape == weight[:2] + (1,) * (len(weight) - 2), pname
+        else:
+            assert mask.unit_shape == weight, pname
+        assert (mask.soft_scale is not None) == soft
+    x = _input(name)
+    with torch.no_grad():
+        assert torch.equal(masked(x), _original(name)(x))
+
+
+@pytest.mark.parametrize(("granularity", "soft"), VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("name", GRANULAR_NAMES)
+def test_units_random_masks_equal_weights_multiplied_by_hand(name, granularity, soft):
+    masked = _unit_model(name, granularity, soft, mask_init="uniform")
+    reference = _by_hand_units(name, masked)
+    x = _input(name)
+    with torch.no_grad():
+        out, expected = masked(x), reference(x)
+    assert not torch.equal(expected, _original(name)(x))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(("granularity", "soft"), VARIANTS, ids=VARIANT_IDS)
+@pytest.mark.parametrize("name", GRANULAR_NAMES)
+def test_units_mask_gradient_formula(name, granularity, soft):
+    """Unit gradient = sum over the unit's weights of ``dL/dW_eff * W``; for soft masks times
+    the scale and KSM's softmax-trick derivative ``b_T(1 - b_T) / T``, and the scale's
+    gradient is that sum times the binary mask."""
+    masked = _unit_model(name, granularity, soft, mask_init="uniform")
+    reference = _by_hand_units(name, masked)
+    x = _input(name)
+    masked(x).square().mean().backward()
+    reference.requires_grad_(True)
+    reference(x).square().mean().backward()
+    ref_grads = dict(reference.named_parameters())
+    for pname, mask in masked_weights(masked):
+        summed = (ref_grads[pname].grad * mask.weight).sum_to_size(mask.unit_shape)
+        expected = summed
+        if soft:
+            relaxed = torch.sigmoid((mask.mask_real - mask.threshold) / mask.temperature)
+            expected = summed * mask.soft_scale * relaxed * (1 - relaxed) / mask.temperature
+            torch.testing.assert_close(
+                mask.soft_scale.grad, summed * mask.mask(), rtol=1e-3, atol=1e-6
+            )
+        torch.testing.assert_close(
+            mask.mask_real.grad, expected, rtol=1e-3, atol=1e-6, msg=lambda m, p=pname: f"{p}: {m}"
+        )
+        assert mask.weight.grad is None
+
+
+@pytest.mark.parametrize(("granularity", "soft"), VARIANTS, ids=VARIANT_IDS)
+def test_units_materialize_bakes_scales(granularity, soft):
+    name = "tv_mobilenet_v3_small"
+    masked = _unit_model(name, granularity, soft, mask_init="uniform")
+    plain = materialize(masked)
+    assert not any(is_masked(m) for m in plain.modules())
+    assert list(plain.state_dict()) == list(_original(name).state_dict())
+    x = _input(name)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), masked(x), rtol=1e-5, atol=1e-6)

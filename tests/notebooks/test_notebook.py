@@ -19,11 +19,16 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
-def test_notebook_runs_on_the_newest_demo_run(make_cfg, tmp_path, monkeypatch):
-    """Laid out as after `python train.py`: outputs/demo/<time>/artifacts next to notebooks/."""
+@pytest.mark.parametrize("method", ["piggyback", "ksm"])
+def test_notebook_runs_on_the_newest_demo_run(make_cfg, tmp_path, monkeypatch, method):
+    """Laid out as after `python train.py`: outputs/demo/<time>/artifacts next to notebooks/.
+
+    ``ksm``: kernel-granular soft masks (reduced shapes plus scales) go through the same cells.
+    """
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     cfg = make_cfg(
+        f"method={method}",
         "data=demo",
         "~data.tasks.mod3",
         "trainer.max_epochs=1",
@@ -56,3 +61,4 @@ def test_notebook_runs_on_the_newest_demo_run(make_cfg, tmp_path, monkeypatch):
     assert len(images) == 3  # per-layer sparsity, change by depth, overlap heat map
     tables = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
     assert "separate fine-tuned networks" in tables and "digits_rotated" in tables
+    assert ("kernel soft" in tables) == (method == "ksm")

@@ -58,7 +58,7 @@ def new_row(e: Entry) -> dict[str, Any]:
         "top1_pct": None,
         "top5_pct": None,
         "n_test": None,
-        "masked_off_pct": 100.0 * total_sparsity(a.unpacked_masks()) if masked else None,
+        "masked_off_pct": 100.0 * total_sparsity(a.weight_masks()) if masked else None,
         "task_bytes": a.task_bytes(),
         "bits_per_masked_weight": a.bits_per_masked_weight() if masked else None,
         "source": SOURCE_NONE,

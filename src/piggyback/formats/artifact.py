@@ -23,8 +23,12 @@ from piggyback.formats.state import FINGERPRINT_SCHEME, fingerprint, legacy_fing
 from piggyback.nn.convert import masked_weights
 
 ARTIFACT_FORMAT = "piggyback-task"
-FORMAT_VERSION = 2
-"""v2: masks named by parameter (``conv1.weight``), state fingerprint. v1 files still load."""
+FORMAT_VERSION = 3
+"""v2: masks named by parameter (``conv1.weight``), state fingerprint. v3: masks of reduced
+shape (``kernel``/``filter`` granularity, with the weight's shape in the metadata) and soft
+mask scales (``scale/<name>``). Files with only plain per-weight masks are still written as
+v2, so older releases keep reading them; v1 and v2 files load."""
+PLAIN_VERSION = 2
 
 
 @dataclass
@@ -61,13 +65,29 @@ class TaskArtifact:
 
     @property
     def num_masked_weights(self) -> int:
+        """Weights gated by the masks (whatever their granularity)."""
+        return sum(m.num_weights for m in self.masks.values())
+
+    @property
+    def num_mask_units(self) -> int:
+        """Mask values stored (one bit each for binary masks)."""
         return sum(m.numel for m in self.masks.values())
 
     def unpacked_masks(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Each layer's mask at its stored (unit) shape."""
         return {name: m.unpack(dtype) for name, m in self.masks.items()}
 
+    def weight_masks(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Each layer's 0/1 mask expanded to its weight's shape (scales left out)."""
+        return {name: m.unpack(dtype).expand(m.weight_shape) for name, m in self.masks.items()}
+
+    def mask_weights(self) -> dict[str, int]:
+        """Weights gated by each mask *unit*, per layer (statistics weight units by it)."""
+        return {name: m.num_weights // max(m.numel, 1) for name, m in self.masks.items()}
+
     def mask_bytes(self) -> int:
-        return sum(m.data.numel() for m in self.masks.values())
+        """Bytes of the masks: their bit code plus the scales of soft masks."""
+        return sum(m.nbytes for m in self.masks.values())
 
     def task_bytes(self) -> int:
         """Bytes this task adds on top of the shared backbone (tensor payload only)."""
@@ -132,8 +152,15 @@ def artifact_from_model(
     )
 
 
+def artifact_version(artifact: TaskArtifact) -> int:
+    """The oldest format version that holds ``artifact`` (v3 only for reduced/soft masks)."""
+    return FORMAT_VERSION if any(m.reduced for m in artifact.masks.values()) else PLAIN_VERSION
+
+
 def artifact_tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
     tensors = {f"mask/{n}": m.data.contiguous() for n, m in artifact.masks.items()}
+    scales = {n: m.scale for n, m in artifact.masks.items() if m.scale is not None}
+    tensors.update({f"scale/{n}": s.contiguous() for n, s in scales.items()})
     tensors.update({f"head/{k}": v.contiguous() for k, v in artifact.head.items()})
     tensors.update({f"bn/{k}": v.contiguous() for k, v in artifact.bn_state.items()})
     tensors.update({f"weights/{k}": v.contiguous() for k, v in artifact.weights.items()})
@@ -152,14 +179,19 @@ def artifact_meta(artifact: TaskArtifact) -> dict[str, Any]:
         "threshold_fn": artifact.threshold_fn,
         "threshold": artifact.threshold,
         "num_masked_weights": artifact.num_masked_weights,
-        "masks": {
-            n: {"shape": list(m.shape), "kind": m.kind, "encoding": m.encoding}
-            for n, m in artifact.masks.items()
-        },
+        "masks": {n: _mask_meta(m) for n, m in artifact.masks.items()},
         "config": artifact.config,
         "metrics": artifact.metrics,
         "extra": artifact.extra_meta,
     }
+
+
+def _mask_meta(mask: PackedMask) -> dict[str, Any]:
+    meta: dict[str, Any] = {"shape": list(mask.shape), "kind": mask.kind, "encoding": mask.encoding}
+    if mask.reduced:  # plain masks keep the v2 metadata exactly
+        meta["weight_shape"] = list(mask.weight_shape)
+        meta["soft"] = mask.scale is not None
+    return meta
 
 
 def save_artifact(
@@ -171,7 +203,7 @@ def save_artifact(
         artifact_tensors(artifact),
         artifact_meta(artifact),
         file_format=ARTIFACT_FORMAT,
-        version=FORMAT_VERSION,
+        version=artifact_version(artifact),
         overwrite=overwrite,
     )
 
@@ -193,6 +225,7 @@ def artifact_from_parts(
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
     packed = group("mask/")
+    scales = group("scale/")
     # Format 1 (fingerprint without scheme prefix) named masks by module; every masked
     # module then was a Conv2d or Linear, so its parameter name is ``<module>.weight``.
     legacy = not str(meta["fingerprint"]).startswith(f"{FINGERPRINT_SCHEME}:")
@@ -202,9 +235,16 @@ def artifact_from_parts(
             shape=tuple(info["shape"]),
             kind=info["kind"],
             encoding=info["encoding"],
+            weight_shape=tuple(info["weight_shape"]) if "weight_shape" in info else None,
+            scale=scales.get(name) if info.get("soft") else None,
         )
         for name, info in meta["masks"].items()
     }
+    for name, mask in masks.items():
+        try:
+            mask.check()
+        except ArtifactError as exc:
+            raise ArtifactError(f"task {meta['task']!r}: mask for {name!r}: {exc}") from None
     return TaskArtifact(
         task=meta["task"],
         num_classes=meta["num_classes"],

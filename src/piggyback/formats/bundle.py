@@ -20,11 +20,14 @@ from piggyback.formats.artifact import (
     artifact_from_parts,
     artifact_meta,
     artifact_tensors,
+    artifact_version,
 )
 from piggyback.formats.checked_file import read_checked_file, write_checked_file
 
 BUNDLE_FORMAT = "piggyback-bundle"
-BUNDLE_VERSION = 2  # v2: parameter-named masks, state fingerprint; v1 still loads
+BUNDLE_VERSION = 3
+"""v2: parameter-named masks, state fingerprint. v3: tasks with reduced-shape or soft masks
+(written only when a task has them, so plain bundles stay v2); v1 and v2 still load."""
 
 
 def write_bundle(
@@ -46,8 +49,9 @@ def write_bundle(
         tensors.update({f"task{i}/{k}": v for k, v in artifact_tensors(artifact).items()})
         tasks_meta.append(artifact_meta(artifact))
     meta = {"backbone": backbone_name, "fingerprint": backbone_fingerprint, "tasks": tasks_meta}
+    version = max((artifact_version(a) for a in artifacts), default=2)
     return write_checked_file(
-        path, tensors, meta, file_format=BUNDLE_FORMAT, version=BUNDLE_VERSION, overwrite=overwrite
+        path, tensors, meta, file_format=BUNDLE_FORMAT, version=version, overwrite=overwrite
     )
 
 

@@ -2,10 +2,16 @@
 
 The stored form of one layer's mask (:class:`PackedMask`) plus the two functions that move
 masks between a masked backbone and that form. Uses the tensor codecs of ``piggyback.masks``.
+
+A mask of coarser granularity (``kernel``, ``filter``) is stored at its own reduced shape,
+one bit per mask unit, with the shape of the weight it gates beside it; a soft (KSM) mask
+adds its float32 scale per unit. Masks stored before granularities existed have the
+weight's own shape and no scale, which is what the defaults say.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -16,6 +22,7 @@ from piggyback.formats.checked_file import ArtifactError
 from piggyback.masks.codec import compress_mask, decompress_mask
 from piggyback.masks.packing import mask_kind, pack_mask, packed_size, unpack_mask
 from piggyback.nn.convert import masked_weights
+from piggyback.nn.layers import check_unit_shape
 
 MASK_ENCODINGS = ("bits", "rice")
 """``bits``: 1 bit per weight (2 for ternary masks). ``rice``: binary masks only, the gaps
@@ -42,14 +49,29 @@ class PackedMask:
     shape: tuple[int, ...]
     kind: str = "binary"
     encoding: str = "bits"
+    weight_shape: tuple[int, ...] | None = None
+    """Shape of the gated weight; ``None`` (older files): the mask's own shape."""
+    scale: torch.Tensor | None = None
+    """A soft (KSM) mask's float32 scale per unit, of shape ``shape``; ``None`` if plain."""
 
     def __post_init__(self) -> None:
         # files and checkpoints written before the rename say "rle"; unknown names are left
         # for unpack() to refuse
         self.encoding = _RENAMED_ENCODINGS.get(self.encoding, self.encoding)
+        self.shape = tuple(int(s) for s in self.shape)
+        shape = self.shape if self.weight_shape is None else self.weight_shape
+        self.weight_shape = tuple(int(s) for s in shape)
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, kind: str = "binary", encoding: str = "bits"):
+    def from_mask(
+        cls,
+        mask: torch.Tensor,
+        kind: str = "binary",
+        encoding: str = "bits",
+        *,
+        weight_shape: tuple[int, ...] | None = None,
+        scale: torch.Tensor | None = None,
+    ):
         encoding = canonical_encoding(encoding)
         if encoding == "bits":
             data = pack_mask(mask, kind)
@@ -57,7 +79,21 @@ class PackedMask:
             if kind != "binary":
                 raise ValueError(f"the {encoding!r} encoding supports binary masks only")
             data = torch.frombuffer(bytearray(compress_mask(mask)), dtype=torch.uint8)
-        return cls(data=data, shape=tuple(mask.shape), kind=kind, encoding=encoding)
+        if scale is not None:
+            scale = scale.detach().to("cpu", torch.float32).clone()
+        return cls(
+            data=data,
+            shape=tuple(mask.shape),
+            kind=kind,
+            encoding=encoding,
+            weight_shape=weight_shape,
+            scale=scale,
+        )
+
+    @property
+    def reduced(self) -> bool:
+        """Whether this mask has fewer units than its weight has values, or scales."""
+        return self.shape != self.weight_shape or self.scale is not None
 
     def unpack(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """The mask as a tensor of ``shape``; stored bytes that do not decode to exactly that
@@ -82,14 +118,34 @@ class PackedMask:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        """Mask units (one stored bit each, two for ternary)."""
+        return math.prod(self.shape)
+
+    @property
+    def num_weights(self) -> int:
+        """Weights the mask gates."""
+        return math.prod(self.weight_shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes: the mask code plus the scales of a soft mask."""
+        scale = 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
+        return self.data.numel() + scale
+
+    def check(self) -> None:
+        """Refuse stored shapes that do not fit together (a damaged or foreign file)."""
+        try:
+            check_unit_shape(self.weight_shape, self.shape)
+        except ValueError as exc:
+            raise ArtifactError(str(exc)) from None
+        if self.scale is not None and tuple(self.scale.shape) != self.shape:
+            raise ArtifactError(
+                f"mask scales of shape {tuple(self.scale.shape)} do not fit mask {self.shape}"
+            )
 
 
 def pack_model_masks(backbone: nn.Module, encoding: str = "bits") -> dict[str, PackedMask]:
-    """The current mask of every masked layer, packed.
+    """The current mask of every masked layer, packed (one bit per unit, plus soft scales).
 
     Binary masks are handed over as bool (``mask_real > threshold``): packing a bool tensor
     skips the alphabet checks a float mask needs, about 3x faster on a ResNet-50.
@@ -103,6 +159,8 @@ def pack_model_masks(backbone: nn.Module, encoding: str = "bits") -> dict[str, P
             layer.mask_real.detach() > layer.threshold if kind == "binary" else layer.mask(),
             kind,
             encoding,
+            weight_shape=tuple(layer.weight.shape),
+            scale=layer.soft_scale,
         )
         for name, layer in layers
     }
@@ -120,12 +178,13 @@ def load_masks(backbone: nn.Module, masks: Mapping[str, PackedMask], task: str) 
         )
     for name, mask in current.items():
         packed = masks[name]
-        if tuple(packed.shape) != tuple(mask.weight.shape):
+        if tuple(packed.weight_shape) != tuple(mask.weight.shape):
             raise ArtifactError(
-                f"task {task!r}: mask for {name!r} has shape {packed.shape}, "
-                f"the weight has {tuple(mask.weight.shape)}"
+                f"task {task!r}: mask for {name!r} was learned for a weight of shape "
+                f"{packed.weight_shape}, the weight has {tuple(mask.weight.shape)}"
             )
         try:
-            mask.set_mask(packed.unpack(dtype=None))
+            packed.check()
+            mask.set_mask(packed.unpack(dtype=None), packed.scale)
         except ArtifactError as exc:
             raise ArtifactError(f"task {task!r}: mask for {name!r}: {exc}") from None

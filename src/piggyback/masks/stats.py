@@ -6,6 +6,12 @@ plain mappings instead of models: ``{layer_name: mask}`` for one task (layer nam
 order, which is what "depth" means below) and ``{task: {layer_name: mask}}`` for several.
 Masks may be torch tensors or numpy arrays of any dtype, on any device.
 
+Masks of coarser granularity (one value per conv kernel or per filter, ``piggyback.nn``)
+have a reduced shape that broadcasts onto the weight. Passed as they are, every function
+counts mask *units*; to count *weights* (what storage-free comparisons with element masks
+need: a 3x3 kernel unit switches 9 weights off), pass them through
+:func:`expand_to_weights` (views, no copy) or use ``TaskArtifact.weight_masks()``.
+
 Convention for values: a weight is *off* where its mask is exactly 0. The pretrained network
 corresponds to an all-ones mask, so the fraction of zeros is also the fraction of weights a
 task changed by switching them off. For ternary masks (-1/0/1, the reference code's variant)
@@ -22,6 +28,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "expand_to_weights",
     "fraction_changed_by_depth",
     "layer_sparsity",
     "overlap_matrix",
@@ -31,6 +38,26 @@ __all__ = [
 ]
 
 MaskLike = Any  # torch.Tensor | np.ndarray
+
+
+def expand_to_weights(
+    masks: Mapping[str, MaskLike], weight_shapes: Mapping[str, Any]
+) -> dict[str, MaskLike]:
+    """Each reduced-shape mask broadcast to its weight's shape (a view), same order.
+
+    Layers missing from ``weight_shapes`` are returned as they are; a mask that does not
+    broadcast onto its weight raises ``ValueError``.
+    """
+    out: dict[str, MaskLike] = {}
+    for name, mask in masks.items():
+        shape = weight_shapes.get(name)
+        if shape is None:
+            out[name] = mask
+        elif isinstance(mask, torch.Tensor):
+            out[name] = mask.expand(tuple(shape))
+        else:
+            out[name] = np.broadcast_to(np.asarray(mask), tuple(shape))
+    return out
 
 
 def _flat(mask: MaskLike) -> np.ndarray:

@@ -12,6 +12,7 @@ from piggyback.methods.classifier_only import ClassifierOnly
 from piggyback.methods.cpg import CPG
 from piggyback.methods.finetune import Finetune, FinetuneSequential
 from piggyback.methods.hosts import InferenceHost, TaskState, TrainingHost
+from piggyback.methods.ksm import KSM
 from piggyback.methods.packnet import PackNet
 from piggyback.methods.piggyback import Piggyback
 from piggyback.methods.registry import (
@@ -32,6 +33,7 @@ __all__ = [
     "Finetune",
     "FinetuneSequential",
     "InferenceHost",
+    "KSM",
     "Method",
     "PackNet",
     "Piggyback",

@@ -12,23 +12,39 @@ from piggyback.formats import TaskArtifact, load_masks, pack_model_masks
 from piggyback.masks.stats import layer_sparsity, total_sparsity
 from piggyback.methods.base import BN_TYPES, ArtifactParts, Method, TaskState
 from piggyback.methods.hosts import InferenceHost, TrainingHost
-from piggyback.nn import get_masks, mask_model, mask_parameters, masked_weights, reset_masks
+from piggyback.nn import (
+    get_masks,
+    mask_model,
+    mask_parameters,
+    masked_weights,
+    reset_masks,
+    scale_parameters,
+)
 
 
 class Piggyback(Method):
-    """Masks (and, with ``bn="train"``, task-specific BN) train; W never changes."""
+    """Masks (and, with ``bn="train"``, task-specific BN) train; W never changes.
+
+    ``mask`` (config ``method.mask``) holds mask options that belong to the method and win
+    over the ``mask`` group, e.g. KSM's ``granularity: kernel`` and ``soft: true``.
+    """
 
     name = "piggyback"
     default_lr = {"masks": 1e-4, "head": 1e-4, "bn": 1e-4}
+    default_mask: dict[str, Any] = {}
+
+    def __init__(self, *, mask: Mapping[str, Any] | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        self.mask = {**self.default_mask, **dict(mask or {})}
 
     def prepare_backbone(self, module: TrainingHost, mask_options: Mapping[str, Any]) -> None:
-        mask_model(module.backbone, **mask_options)
+        mask_model(module.backbone, **{**mask_options, **self.mask})
         self.freeze(module)
 
     def freeze(self, module: TrainingHost) -> None:
         for sub in module.backbone.modules():
             for pname, param in sub.named_parameters(recurse=False):
-                if pname == "mask_real":
+                if pname in ("mask_real", "soft_scale"):
                     param.requires_grad_(True)
                 else:
                     param.requires_grad_(self.trains_bn and isinstance(sub, BN_TYPES))
@@ -36,7 +52,9 @@ class Piggyback(Method):
     def backbone_groups(self, module: TrainingHost) -> list[dict[str, Any]]:
         masks = {"name": "masks", "params": list(mask_parameters(module.backbone))}
         masks["lr"] = self.lr["masks"]
-        return [masks, *super().backbone_groups(module)]
+        scales = {"name": "scales", "params": list(scale_parameters(module.backbone))}
+        scales["lr"] = self.lr.get("scales", self.lr["masks"])  # soft (KSM) masks only
+        return [masks, scales, *super().backbone_groups(module)]
 
     # ------------------------------------------------------------------ tasks
     def start_task(self, module: TrainingHost, task: str) -> None:
@@ -44,8 +62,11 @@ class Piggyback(Method):
         super().start_task(module, task)
 
     @staticmethod
-    def _versions(module: TrainingHost) -> list[int]:
-        return [mask.mask_real._version for _, mask in masked_weights(module.backbone)]
+    def _versions(module: TrainingHost) -> list[tuple[int, int | None]]:
+        return [
+            (mask.mask_real._version, None if mask.soft_scale is None else mask.soft_scale._version)
+            for _, mask in masked_weights(module.backbone)
+        ]
 
     def on_train_batch_end(self, module: TrainingHost) -> None:
         # A fused optimizer updates mask_real in place without bumping its version counter,
@@ -64,12 +85,12 @@ class Piggyback(Method):
     def activate_task(self, module: TrainingHost, state: TaskState) -> None:
         packed = state.stored["masks"]
         for name, mask in masked_weights(module.backbone):
-            mask.set_mask(packed[name].unpack(dtype=None))
+            mask.set_mask(packed[name].unpack(dtype=None), packed[name].scale)
         super().activate_task(module, state)
         state.stored["versions"] = self._versions(module)
 
     def epoch_metrics(self, module: TrainingHost) -> dict[str, float]:
-        masks = get_masks(module.backbone)
+        masks = get_masks(module.backbone, per_weight=True)  # weights, not mask units
         metrics = {"masks/zeros": total_sparsity(masks)}
         if module.log_layer_sparsity:
             per_layer = layer_sparsity(masks)

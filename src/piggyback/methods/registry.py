@@ -27,10 +27,11 @@ from piggyback.methods.base import REGISTRY, Method
 from piggyback.methods.classifier_only import ClassifierOnly
 from piggyback.methods.cpg import CPG
 from piggyback.methods.finetune import Finetune, FinetuneSequential
+from piggyback.methods.ksm import KSM
 from piggyback.methods.packnet import PackNet
 from piggyback.methods.piggyback import Piggyback
 
-BUILT_IN = (Piggyback, ClassifierOnly, Finetune, FinetuneSequential, PackNet, CPG)
+BUILT_IN = (Piggyback, ClassifierOnly, Finetune, FinetuneSequential, PackNet, CPG, KSM)
 """Registered by importing them above (``Method.__init_subclass__``)."""
 
 

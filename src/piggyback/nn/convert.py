@@ -25,7 +25,7 @@ from piggyback.nn.layers import (
     module_masks,
     remove_weight_masks,
 )
-from piggyback.nn.threshold import DEFAULT_THRESHOLD
+from piggyback.nn.threshold import DEFAULT_TEMPERATURE, DEFAULT_THRESHOLD
 
 MASKABLE_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.conv._ConvNd,  # Conv1d/2d/3d, ConvTranspose*, and every subclass (timm, ...)
@@ -100,6 +100,9 @@ def mask_model(
     grad_rescale: str = "none",
     target: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
+    granularity: str = "element",
+    soft: bool = False,
+    temperature: float = DEFAULT_TEMPERATURE,
 ) -> nn.Module:
     """Gate, in place, every conv/linear/attention weight of ``model`` by a learned mask.
 
@@ -110,6 +113,11 @@ def mask_model(
     that matches nothing is an error, so a typo cannot leave a model unmasked. Weights
     already masked are left as they are, so calling this twice is harmless. Returns
     ``model`` for chaining.
+
+    ``granularity`` (``element`` | ``kernel`` | ``filter``, see
+    :func:`~piggyback.nn.layers.unit_shape`) sets how many weights share one mask value;
+    ``soft`` adds KSM's learned scale per unit, trained with the softmax trick at
+    ``temperature`` (see :class:`~piggyback.nn.layers.WeightMask`).
     """
     exclude = tuple(exclude)
     patterns = None if target is None else tuple(target)
@@ -119,6 +127,9 @@ def mask_model(
         threshold=threshold,
         threshold_fn=threshold_fn,
         grad_rescale=grad_rescale,
+        granularity=granularity,
+        soft=bool(soft),
+        temperature=temperature,
     )
     chosen: list[tuple[str, nn.Module, str]] = []
     used_patterns: set[str] = set()
@@ -182,13 +193,26 @@ def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def num_masked_weights(model: nn.Module) -> int:
+    """Weights gated by a mask (whatever the granularity)."""
+    return sum(mask.weight.numel() for _, mask in masked_weights(model))
+
+
+def num_mask_units(model: nn.Module) -> int:
+    """Mask values (one stored bit each): the weights for ``element`` granularity."""
     return sum(mask.mask_real.numel() for _, mask in masked_weights(model))
 
 
 @torch.no_grad()
-def get_masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The current thresholded mask of every masked weight, by parameter name."""
-    return {name: mask.mask() for name, mask in masked_weights(model)}
+def get_masks(model: nn.Module, *, per_weight: bool = False) -> dict[str, torch.Tensor]:
+    """The current thresholded mask of every masked weight, by parameter name.
+
+    Masks have their granularity's unit shape; ``per_weight=True`` expands each to its
+    weight's shape (a view), so statistics count weights rather than mask units.
+    """
+    masks = {name: (mask, mask.mask()) for name, mask in masked_weights(model)}
+    if not per_weight:
+        return {name: m for name, (_, m) in masks.items()}
+    return {name: m.expand(layer.weight.shape) for name, (layer, m) in masks.items()}
 
 
 @torch.no_grad()
@@ -216,17 +240,28 @@ def reset_masks(
 
 
 def mask_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The real-valued masks (``mask_real``) of every masked weight."""
     for _, mask in masked_weights(model):
         yield mask.mask_real
 
 
+def scale_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The per-unit scales of soft (KSM) masks; nothing for plain masks."""
+    for _, mask in masked_weights(model):
+        if mask.soft_scale is not None:
+            yield mask.soft_scale
+
+
 def frozen_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict without the per-task ``mask_real`` tensors."""
+    """The model's state dict without the per-task ``mask_real`` / ``soft_scale`` tensors."""
     marker = f"{MASKS_ATTR}."
     return {
         k: v
         for k, v in model.state_dict().items()
-        if not (k.endswith(".mask_real") and (k.startswith(marker) or f".{marker}" in k))
+        if not (
+            k.endswith((".mask_real", ".soft_scale"))
+            and (k.startswith(marker) or f".{marker}" in k)
+        )
     }
 
 

@@ -26,24 +26,98 @@ import torch.nn.functional as F
 from torch import nn
 
 from piggyback.nn.threshold import (
+    DEFAULT_TEMPERATURE,
     DEFAULT_THRESHOLD,
     GRAD_RESCALES,
     THRESHOLD_FNS,
     masked_weight,
     quantize,
+    unit_masked_weight,
 )
 
 MASK_INITS: tuple[str, ...] = ("1s", "uniform", "weight_based_1s")
+GRANULARITIES: tuple[str, ...] = ("element", "kernel", "filter")
+"""How many weights share one mask value (one *mask unit*), see :func:`unit_shape`."""
 DEFAULT_MASK_SCALE = 1e-2
 MASKS_ATTR = "piggyback"
 """Name of the ``nn.ModuleDict`` that holds a masked module's :class:`WeightMask` objects."""
+
+
+def unit_shape(host: nn.Module, param_name: str, granularity: str) -> tuple[int, ...]:
+    """Shape of the mask of ``host.<param_name>`` at ``granularity``; it broadcasts onto W.
+
+    - ``element``: one value per weight (Piggyback), the weight's own shape.
+    - ``kernel``: one value per (output, input) pair, i.e. per k x k kernel of a conv
+      (KSM): ``(out, in/groups, 1, 1)``. A linear or attention weight is a 1 x 1 conv whose
+      kernel is a single weight, so there ``kernel`` is ``element``. We chose this over one
+      value per row because a row is already what ``filter`` gives, and because the same
+      layer then gets the same mask whether a network writes it as ``nn.Linear`` or as a
+      1 x 1 conv (timm and torchvision use both for pointwise layers). Consequence: the
+      savings of ``kernel`` come from k x k convs only; on networks made mostly of pointwise
+      convs (EfficientNet, MobileNet, ViT) it stores nearly as many bits as ``element``.
+    - ``filter``: one value per output channel (per output feature of a linear, per row of
+      ``in_proj_weight``, i.e. per q/k/v output feature of attention).
+    """
+    shape = tuple(host._parameters[param_name].shape)
+    if granularity == "element" or len(shape) < 2:
+        return shape
+    transposed = isinstance(host, nn.modules.conv._ConvTransposeNd)
+    if granularity == "kernel":
+        return shape[:2] + (1,) * (len(shape) - 2)
+    if granularity == "filter":
+        if transposed:  # weight (in, out/groups, *k): output channels are dim 1
+            if getattr(host, "groups", 1) != 1:
+                raise ValueError(
+                    "filter granularity on a grouped transposed conv is not supported; "
+                    "exclude that layer (mask.exclude)"
+                )
+            return (1, shape[1]) + (1,) * (len(shape) - 2)
+        return (shape[0],) + (1,) * (len(shape) - 1)
+    raise ValueError(f"unknown mask granularity {granularity!r}; choose one of {GRANULARITIES}")
+
+
+def granularity_of(weight_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> str:
+    """Name of the granularity a stored mask shape implies (``custom`` if none fits)."""
+    weight_shape, mask_shape = tuple(weight_shape), tuple(mask_shape)
+    if mask_shape == weight_shape:
+        return "element"
+    if mask_shape == weight_shape[:2] + (1,) * (len(weight_shape) - 2):
+        return "kernel"
+    if 1 in mask_shape[:2] and sum(s != 1 for s in mask_shape) == 1:
+        return "filter"
+    return "custom"
+
+
+def check_unit_shape(weight_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:
+    """Refuse a mask shape that does not broadcast onto the weight one value per unit."""
+    ok = len(mask_shape) == len(weight_shape) and all(
+        m in (w, 1) for m, w in zip(mask_shape, weight_shape, strict=True)
+    )
+    if not ok:
+        raise ValueError(
+            f"mask of shape {tuple(mask_shape)} does not fit weight of shape {tuple(weight_shape)}"
+        )
 
 
 class WeightMask(nn.Module):
     """The learned real-valued mask of one weight tensor and its threshold rule.
 
     ``weight`` is the frozen tensor it gates (kept by the host module, not registered here,
-    so the state dict holds it once under its original name).
+    so the state dict holds it once under its original name). ``mask_real`` has the
+    granularity's reduced shape (:func:`unit_shape`) and broadcasts onto the weight.
+
+    ``soft=True`` is KSM's soft mask (Yang et al., CVPR 2021): every unit also learns a real
+    scale ``soft_scale`` (initialised to 1, so the ``1s`` start is still exactly the
+    pretrained network) and the layer computes ``W * (b * s)`` with ``b`` the unit's binary
+    mask. The binary part is trained with KSM's softmax trick instead of the plain
+    straight-through estimate (see :func:`~piggyback.nn.threshold.softmax_binarizer`;
+    ``temperature`` is its T). Where we differ from the paper, as far as its public
+    descriptions let us reconstruct it: the paper describes the soft mask as a superposition
+    of the binary mask and a scaled real tensor generated from the same real mask, and runs
+    the relaxed (softmax) value in the training forward pass; we keep a free per-unit scale
+    multiplied onto the binary unit (a unit switched off stays exactly off and costs its one
+    bit plus the scale) and keep the hard 0/1 in the forward pass, using the relaxation for
+    the gradient only, so that what trains is exactly what is stored and evaluated.
     """
 
     def __init__(
@@ -56,6 +130,9 @@ class WeightMask(nn.Module):
         threshold: float = DEFAULT_THRESHOLD,
         threshold_fn: str = "binarizer",
         grad_rescale: str = "none",
+        granularity: str = "element",
+        soft: bool = False,
+        temperature: float = DEFAULT_TEMPERATURE,
     ) -> None:
         super().__init__()
         if threshold_fn not in THRESHOLD_FNS:
@@ -72,8 +149,29 @@ class WeightMask(nn.Module):
         self.threshold = float(threshold)
         self.threshold_fn = threshold_fn
         self.grad_rescale = grad_rescale
-        self.mask_real = nn.Parameter(torch.empty_like(self.weight), requires_grad=True)
+        if soft and threshold_fn != "binarizer":
+            raise ValueError("soft (KSM) masks are binary: use threshold_fn 'binarizer'")
+        if not temperature > 0:
+            raise ValueError(f"mask temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        shape = unit_shape(host, param_name, granularity)
+        self.granularity = granularity
+        weight = self.weight
+        self.mask_real = nn.Parameter(
+            torch.empty(shape, dtype=weight.dtype, device=weight.device), requires_grad=True
+        )
+        self.soft_scale: nn.Parameter | None = None
+        if soft:
+            self.soft_scale = nn.Parameter(torch.ones_like(self.mask_real), requires_grad=True)
         self.reset_mask(mask_init, mask_scale)
+
+    @property
+    def soft(self) -> bool:
+        return self.soft_scale is not None
+
+    @property
+    def unit_shape(self) -> tuple[int, ...]:
+        return tuple(self.mask_real.shape)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -91,31 +189,68 @@ class WeightMask(nn.Module):
             self.mask_real.fill_(self.weight.abs().mean().item())
         else:
             raise ValueError(f"unknown mask_init {mask_init!r}; choose one of {MASK_INITS}")
+        if self.soft_scale is not None:
+            self.soft_scale.fill_(1.0)
 
     def mask(self) -> torch.Tensor:
         """The current thresholded mask (same shape and dtype as ``mask_real``)."""
         return quantize(self.mask_real.detach(), self.threshold, self.threshold_fn)
 
     @torch.no_grad()
-    def set_mask(self, mask: torch.Tensor) -> None:
+    def multiplier(self) -> torch.Tensor:
+        """What the weight is multiplied by, per unit: the mask, times the scale when soft."""
+        mask = self.mask()
+        return mask if self.soft_scale is None else mask * self.soft_scale.detach()
+
+    @torch.no_grad()
+    def set_mask(self, mask: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         """Load a quantised mask (0/1 or -1/0/1) so that ``mask()`` returns exactly it.
 
         Storing the mask's own values as ``mask_real`` works for both quantisers: 1 > τ,
-        0 ≤ τ and ≥ 0, and -1 < 0.
+        0 ≤ τ and ≥ 0, and -1 < 0. A mask of another granularity (any shape that broadcasts
+        onto the weight one value per unit) replaces the mask tensor: a multi-task model may
+        hold tasks of different granularity. ``scale`` (a soft task's per-unit scales) makes
+        the mask soft; ``None`` makes it plain.
         """
-        if tuple(mask.shape) != tuple(self.mask_real.shape):
-            raise ValueError(
-                f"mask of shape {tuple(mask.shape)} does not fit weight of shape "
-                f"{tuple(self.mask_real.shape)}"
+        shape = tuple(mask.shape)
+        if shape != self.unit_shape:
+            check_unit_shape(tuple(self.weight.shape), shape)
+            real = self.mask_real
+            self.mask_real = nn.Parameter(
+                torch.empty(shape, dtype=real.dtype, device=real.device),
+                requires_grad=real.requires_grad,
             )
+            self.granularity = granularity_of(tuple(self.weight.shape), shape)
         self.mask_real.copy_(mask)  # converts dtype (and device) in the same pass
+        if scale is None:
+            self.soft_scale = None
+            return
+        if tuple(scale.shape) != shape:
+            raise ValueError(f"mask scales of shape {tuple(scale.shape)} do not fit mask {shape}")
+        if self.soft_scale is None or tuple(self.soft_scale.shape) != shape:
+            self.soft_scale = nn.Parameter(
+                torch.empty(shape, dtype=self.mask_real.dtype, device=self.mask_real.device),
+                requires_grad=self.mask_real.requires_grad,
+            )
+        self.soft_scale.copy_(scale)
 
     def effective_weight(self, *, owns_grad: bool = False) -> torch.Tensor:
         """``W * M`` with the straight-through mask gradient (the pretrained W gets none).
 
         ``owns_grad`` is for forwards that feed the result straight into one conv/linear
         (see :data:`_OWN_GRAD_FORWARDS`); every other read gets the always-safe default.
+        Reduced-shape and soft masks take the broadcasting path (:func:`unit_masked_weight`).
         """
+        if self.soft_scale is not None or self.unit_shape != tuple(self.weight.shape):
+            return unit_masked_weight(
+                self.weight,
+                self.mask_real,
+                self.threshold,
+                self.threshold_fn,
+                self.grad_rescale,
+                scale=self.soft_scale,
+                temperature=self.temperature if self.soft_scale is not None else None,
+            )
         return masked_weight(
             self.weight,
             self.mask_real,
@@ -126,7 +261,11 @@ class WeightMask(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"{self.param_name}, threshold_fn={self.threshold_fn}, threshold={self.threshold:g}"
+        soft = f", soft (T={self.temperature:g})" if self.soft else ""
+        return (
+            f"{self.param_name}, threshold_fn={self.threshold_fn}, threshold={self.threshold:g}"
+            f", granularity={self.granularity}{soft}"
+        )
 
 
 def _masked_property(param_name: str) -> property:
@@ -240,7 +379,7 @@ def remove_weight_masks(module: nn.Module, *, apply: bool = True) -> None:
     for name, mask in module_masks(module).items():
         weight = mask.weight
         if apply:
-            weight = (weight * mask.mask().to(weight.dtype)).detach()
+            weight = (weight * mask.multiplier().to(weight.dtype)).detach()
         module._parameters[name] = nn.Parameter(weight, requires_grad=False)
     module.__class__ = module._piggyback_base
     del module._modules[MASKS_ATTR]

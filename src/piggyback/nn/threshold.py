@@ -161,3 +161,94 @@ def masked_weight(
     masked layers pass it from ``forward``; leave it off when the result goes anywhere else.
     """
     return _MaskedWeight.apply(weight, mask_real, threshold, threshold_fn, grad_rescale, owns_grad)
+
+
+DEFAULT_TEMPERATURE = 1e-2
+
+
+class _SoftmaxTrick(torch.autograd.Function):
+    """Hard 0/1 forward; backward through the temperature softmax that relaxes it (KSM).
+
+    KSM (Yang et al., CVPR 2021) turns the real mask into a binary one through a logistic
+    function followed by a two-way softmax with temperature ``T``: ``p = sigmoid(m)``, then
+    ``softmax([log p, log(1 - p)] / T)[0] = sigmoid(logit(p) / T) = sigmoid(m / T)``, which
+    tends to the step function as ``T -> 0``. We centre it on the threshold,
+    ``b_T(m) = sigmoid((m - tau) / T)``, keep the step itself in the forward pass (so the
+    network trained is bit for bit the 1-bit network stored and evaluated) and use the exact
+    derivative of the relaxation, ``b_T'(m) = b_T (1 - b_T) / T``, in the backward pass:
+    a real gradient that is largest at the threshold and fades for units far from it,
+    instead of the identity that the plain straight-through estimator passes back.
+    """
+
+    @staticmethod
+    def forward(ctx, mask_real: torch.Tensor, threshold: float, temperature: float):
+        ctx.save_for_backward(mask_real)
+        ctx.threshold, ctx.temperature = threshold, temperature
+        return _binary(mask_real, threshold)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (mask_real,) = ctx.saved_tensors
+        relaxed = torch.sigmoid((mask_real - ctx.threshold) / ctx.temperature)
+        return grad_output * relaxed * (1 - relaxed) / ctx.temperature, None, None
+
+
+def softmax_binarizer(
+    mask_real: torch.Tensor,
+    threshold: float = DEFAULT_THRESHOLD,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> torch.Tensor:
+    """``1 if mask_real > threshold else 0``; gradient of KSM's temperature-softmax relaxation."""
+    return _SoftmaxTrick.apply(mask_real, threshold, temperature)
+
+
+class _UnitMaskedWeight(torch.autograd.Function):
+    """``W * U`` where ``U`` (one value per mask unit) broadcasts onto ``W``.
+
+    The unit gradient is the weight-shaped mask gradient ``dL/dW_eff * W`` (optionally
+    rescaled as in :func:`_rescale`) summed over the weights each unit gates.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, units: torch.Tensor, rescale: str) -> torch.Tensor:
+        ctx.save_for_backward(weight, units)
+        ctx.rescale = rescale
+        return weight * units.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight, units = ctx.saved_tensors
+        grad_weight = grad_units = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad_output * units.to(grad_output.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_units = _rescale(grad_output, weight, ctx.rescale).sum_to_size(units.shape)
+        return grad_weight, grad_units, None
+
+
+def unit_masked_weight(
+    weight: torch.Tensor,
+    mask_real: torch.Tensor,
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_fn: str = "binarizer",
+    grad_rescale: str = "none",
+    *,
+    scale: torch.Tensor | None = None,
+    temperature: float | None = None,
+) -> torch.Tensor:
+    """``W * Q(mask_real) [* scale]`` for a mask of reduced shape that broadcasts onto ``W``.
+
+    ``temperature`` set: the binary mask gets KSM's softmax-trick gradient
+    (:func:`softmax_binarizer`); otherwise the plain straight-through estimate. ``scale``
+    (same shape as ``mask_real``) is KSM's learned real factor per unit; it gets the exact
+    gradient ``sum(dL/dW_eff * W) * Q``.
+    """
+    if temperature is not None:
+        if threshold_fn != "binarizer":
+            raise ValueError("soft (KSM) masks are binary: use threshold_fn 'binarizer'")
+        units = softmax_binarizer(mask_real, threshold, temperature)
+    else:
+        units = _StraightThrough.apply(mask_real, threshold, threshold_fn)
+    if scale is not None:
+        units = units * scale
+    return _UnitMaskedWeight.apply(weight, units, grad_rescale)
