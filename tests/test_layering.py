@@ -63,6 +63,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "piggyback.sweep",
             "piggyback.report",
             "piggyback.testing",
+            "piggyback.collapse",
         ),
     ),
     # what the entry points call: orchestration only

@@ -7,6 +7,7 @@ and tasks are in ``piggyback.formats``.
 from piggyback.masks.codec import compress_mask, compressed_bits_per_weight, decompress_mask
 from piggyback.masks.packing import mask_kind, pack_mask, packed_size, unpack_mask
 from piggyback.masks.stats import (
+    flips,
     fraction_changed_by_depth,
     layer_sparsity,
     overlap_matrix,
@@ -19,6 +20,7 @@ __all__ = [
     "compress_mask",
     "compressed_bits_per_weight",
     "decompress_mask",
+    "flips",
     "fraction_changed_by_depth",
     "layer_sparsity",
     "mask_kind",
