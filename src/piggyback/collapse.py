@@ -10,9 +10,10 @@ reports chance accuracy with no error. Two numbers show it while it happens:
 - ``masks/flipped``: the fraction of all masked weights whose 0/1 value changed during the
   epoch, and ``masks/flipped_max``: the largest such fraction in any one layer (a collapse
   flips a burst of one layer, often its whole filters, in a few steps);
-- a warning when an epoch after the first ends with a mean training loss within
-  ``tolerance`` of the loss of an input-independent prediction (the entropy of the epoch's
-  training labels, at most ``ln(num_classes)``). ``train/collapse`` logs it as 1.0 / 0.0.
+- a warning when an epoch after the first ends with a mean training loss no better (within
+  ``tolerance``) than the loss of an input-independent prediction: the entropy of the
+  epoch's training labels, ``ln(num_classes)`` for balanced classes. A loss far above it
+  (divergence) warns too. ``train/collapse`` logs it as 1.0 / 0.0.
 """
 
 from __future__ import annotations
@@ -113,11 +114,11 @@ class CollapseMonitor(L.Callback):
                 classes = getattr(getattr(pl_module, "head", None), "out_features", None)
                 classes = classes or len(self._labels)
                 rank_zero_warn(
-                    f"training loss {loss:.3f} after epoch {trainer.current_epoch} is the loss "
-                    f"of a prediction that ignores the image ({chance:.3f}; ln({classes}) = "
-                    f"{math.log(classes):.3f}): the network has collapsed to a constant "
-                    "output. Lower method.lr_scale, or let the head learn first with "
-                    "method.warmup_epochs (see masks/flipped_max for the layer that flipped)."
+                    f"training loss {loss:.3f} after epoch {trainer.current_epoch} is no better "
+                    f"than a prediction that ignores the image ({chance:.3f}; ln({classes}) = "
+                    f"{math.log(classes):.3f}): the network has collapsed to a constant output "
+                    "or diverged. Lower method.lr_scale, or let the head learn first with "
+                    "method.warmup_epochs (masks/flipped_max shows how much a layer flipped)."
                 )
         if metrics:
             pl_module.log_dict(metrics)
