@@ -104,17 +104,17 @@ def test_warmup_resumes_from_the_trainer_progress(tmp_path, demo_cache):
     assert module.method.warming_up and module.method.backbone_frozen
 
 
-def test_config_default_and_the_paper_recipe_one_option_away(make_cfg):
+def test_config_default_is_the_paper_and_the_warmup_one_option_away(make_cfg):
     for method in ("piggyback", "piggyback_bn"):
         cfg = make_cfg(f"method={method}")
-        assert cfg.method.warmup_epochs == 1 and cfg.method.warmup_steps == 0
-    paper = make_cfg("experiment=paper", "method.warmup_epochs=0")
+        assert cfg.method.warmup_epochs == 0 and cfg.method.warmup_steps == 0
+    warm = make_cfg("experiment=paper", "method=piggyback_bn", "method.warmup_epochs=2")
     module = PiggybackModule(
         backbone={"name": "small_cnn", "weights": None},
         task="t",
         num_classes=3,
-        method=to_dict(paper.method),
+        method=to_dict(warm.method),
     )
-    assert module.method.warmup_epochs == 0 and not module.method.backbone_frozen
+    assert module.method.warmup_epochs == 2 and module.method.trains_bn
     with pytest.raises(ConfigError, match="method.warmup_epochs"):
         check_config(make_cfg("method.warmup_epochs=-1"), [])
