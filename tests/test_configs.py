@@ -124,7 +124,13 @@ def test_callback_configs_build(make_cfg, option):
         assert callbacks == []
         return
     names = [type(c).__name__ for c in callbacks]
-    assert names == ["ModelCheckpoint", "ModelCheckpoint", "LearningRateMonitor", "TQDMProgressBar"]
+    assert names == [
+        "ModelCheckpoint",
+        "ModelCheckpoint",
+        "LearningRateMonitor",
+        "TQDMProgressBar",
+        "CollapseMonitor",
+    ]
     best, last = callbacks[:2]
     assert (best.monitor, best.save_last) == ("val/acc", None)
     assert (last.monitor, last.filename, last.save_top_k) == (None, "last", 1)  # every epoch

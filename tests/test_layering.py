@@ -71,6 +71,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "piggyback.sweep",
             "piggyback.report",
             "piggyback.testing",
+            "piggyback.collapse",
             "piggyback.training",  # train.py's steps: task, sequence, records, run folder, ...
             "piggyback.evaluation",  # evaluate.py's steps: runs, rebuild, tester, rows
             "piggyback.cli",  # config folder, user errors, Hydra glue shared by both entries

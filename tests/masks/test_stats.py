@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from piggyback.masks.stats import (
+    flips,
     fraction_changed_by_depth,
     layer_sparsity,
     overlap_matrix,
@@ -121,3 +122,19 @@ def test_identical_masks_overlap_one_and_missing_layer_is_all_ones():
 def test_layer_size_mismatch_raises():
     with pytest.raises(ValueError, match="different backbones"):
         pairwise_overlap({"x": {"l": torch.ones(4)}, "y": {"l": torch.ones(5)}})
+
+
+def test_flips_exact_on_hand_made_changes():
+    before = {"a": _mask(10, [0]), "b": _mask(30, [], shape=(5, 6))}
+    after = {"a": _mask(10, [1, 2, 3]), "b": _mask(30, [], shape=(5, 6))}
+    overall, per_layer = flips(before, after)
+    # a: weight 0 switched back on, weights 1-3 off (4 of 10); b unchanged; 4 of 40 overall
+    assert per_layer == {"a": 0.4, "b": 0.0}
+    assert overall == 4 / 40
+    ternary = torch.tensor([1.0, 0.0, -1.0, 1.0])
+    assert flips({"t": ternary}, {"t": torch.tensor([-1.0, 0.0, -1.0, 1.0])}) == (0.25, {"t": 0.25})
+    assert flips({}, {}) == (0.0, {})
+    with pytest.raises(ValueError, match="layers differ"):
+        flips(before, {"a": after["a"]})
+    with pytest.raises(ValueError, match="'a' has 10 weights before and 9 after"):
+        flips(before, {"a": _mask(9, []), "b": after["b"]})

@@ -8,6 +8,7 @@ from piggyback.masks.codec import compress_mask, compressed_bits_per_weight, dec
 from piggyback.masks.packing import mask_kind, pack_mask, packed_size, unpack_mask
 from piggyback.masks.stats import (
     expand_to_weights,
+    flips,
     fraction_changed_by_depth,
     layer_sparsity,
     overlap_matrix,
@@ -21,6 +22,7 @@ __all__ = [
     "compressed_bits_per_weight",
     "decompress_mask",
     "expand_to_weights",
+    "flips",
     "fraction_changed_by_depth",
     "layer_sparsity",
     "mask_kind",

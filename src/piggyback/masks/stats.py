@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "expand_to_weights",
+    "flips",
     "fraction_changed_by_depth",
     "layer_sparsity",
     "overlap_matrix",
@@ -97,6 +98,32 @@ def total_sparsity(masks: Mapping[str, MaskLike]) -> float:
         zeros += z
         numel += n
     return zeros / numel if numel else 0.0
+
+
+def flips(
+    before: Mapping[str, MaskLike], after: Mapping[str, MaskLike]
+) -> tuple[float, dict[str, float]]:
+    """How much a mask moved: ``(fraction changed overall, {layer: fraction changed})``.
+
+    A weight counts as flipped where its quantised value differs (1 -> 0, 0 -> 1, or a
+    ternary sign change). The overall fraction is weighted by layer size, like
+    :func:`total_sparsity`. A training run that suddenly flips a large part of one layer (a
+    collapse under too large a learning rate) shows here before it shows in the accuracy.
+    Both mappings must have the same layers with the same sizes.
+    """
+    if list(before) != list(after):
+        raise ValueError(f"mask layers differ: {sorted(set(before) ^ set(after))}")
+    changed = numel = 0
+    per_layer: dict[str, float] = {}
+    for name, old in before.items():
+        a, b = _flat(old), _flat(after[name])
+        if a.size != b.size:
+            raise ValueError(f"layer {name!r} has {a.size} weights before and {b.size} after")
+        n = int(np.count_nonzero(a != b))
+        per_layer[name] = n / a.size if a.size else 0.0
+        changed += n
+        numel += a.size
+    return (changed / numel if numel else 0.0), per_layer
 
 
 def task_sparsity_table(

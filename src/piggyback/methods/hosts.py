@@ -45,6 +45,8 @@ class TrainingHost(Protocol):
     @property
     def trainer(self) -> Any: ...  # the Lightning Trainer (epochs; PackNet's prune schedule)
 
+    def train(self, mode: bool = True) -> Any: ...  # re-applies the method's frozen modes
+
 
 class InferenceHost(Protocol):
     """The inference side: the shared backbone plus room for what a method keeps per model."""

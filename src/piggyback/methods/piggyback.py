@@ -27,15 +27,58 @@ class Piggyback(Method):
 
     ``mask`` (config ``method.mask``) holds mask options that belong to the method and win
     over the ``mask`` group, e.g. KSM's ``granularity: kernel`` and ``soft: true``.
+
+    ``warmup_epochs`` / ``warmup_steps``: a head warm-up (linear probing before fine-tuning):
+    until both have passed, the backbone runs frozen (eval mode, no gradient), so only the
+    new head trains and every mask stays exactly at its init. Without it, Adam moves every
+    mask by about the learning rate per step, so at a few times the paper's rate the first
+    masks reach the threshold within ~20 steps, steered by a head that is still random, and
+    the run can collapse to a constant output (README, "Learning-rate sweep"). Both 0 is the
+    paper's recipe.
     """
 
     name = "piggyback"
     default_lr = {"masks": 1e-4, "head": 1e-4, "bn": 1e-4}
     default_mask: dict[str, Any] = {}
 
-    def __init__(self, *, mask: Mapping[str, Any] | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        mask: Mapping[str, Any] | None = None,
+        warmup_epochs: int = 0,
+        warmup_steps: int = 0,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
         self.mask = {**self.default_mask, **dict(mask or {})}
+        if warmup_epochs < 0 or warmup_steps < 0:
+            raise ValueError(
+                "method.warmup_epochs and method.warmup_steps must be >= 0, "
+                f"got {warmup_epochs} and {warmup_steps}"
+            )
+        self.warmup_epochs = int(warmup_epochs)
+        self.warmup_steps = int(warmup_steps)
+        self.warming_up = False
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.warming_up
+
+    def _update_warmup(self, module: TrainingHost) -> None:
+        """Warm-up state from the trainer's progress (so a resumed run gets it right too)."""
+        trainer = module.trainer
+        warming = (
+            trainer.current_epoch < self.warmup_epochs or trainer.global_step < self.warmup_steps
+        )
+        if warming != self.warming_up:
+            self.warming_up = warming
+            module.train()  # re-applies the frozen modes (BN eval) for the new state
+
+    def on_train_epoch_start(self, module: TrainingHost) -> None:
+        self._update_warmup(module)
+
+    def on_train_end(self, module: TrainingHost) -> None:
+        self.warming_up = False  # inference and later tasks see the trained backbone
 
     def prepare_backbone(self, module: TrainingHost, mask_options: Mapping[str, Any]) -> None:
         mask_model(module.backbone, **{**mask_options, **self.mask})
@@ -72,6 +115,8 @@ class Piggyback(Method):
         # A fused optimizer updates mask_real in place without bumping its version counter,
         # so a training step must mark the packed copy stale explicitly.
         module.tasks[module.task].stored.pop("versions", None)
+        if self.warming_up:
+            self._update_warmup(module)
 
     def store_task(self, module: TrainingHost, state: TaskState) -> None:
         """Pack the masks (1 bit per weight), skipping the work when nothing changed (no
