@@ -75,7 +75,9 @@ def test_mask_configs_build_a_masked_layer(make_cfg, option):
     spec = to_dict(cfg.mask)
     conv = mask_model(torch.nn.Conv2d(2, 3, 3), **spec)
     mask = module_masks(conv)["weight"]
-    assert mask.mask_real.shape == mask.weight.shape
+    units = {"element": (3, 2, 3, 3), "kernel": (3, 2, 1, 1), "filter": (3, 1, 1, 1)}
+    assert tuple(mask.mask_real.shape) == units[spec["granularity"]]
+    assert (mask.soft_scale is not None) == spec["soft"] == (option == "soft")
 
 
 @pytest.mark.parametrize("option", _options("method"))
