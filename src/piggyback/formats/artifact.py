@@ -24,7 +24,10 @@ from piggyback.nn.convert import masked_weights
 
 ARTIFACT_FORMAT = "piggyback-task"
 FORMAT_VERSION = 2
-"""v2: masks named by parameter (``conv1.weight``), state fingerprint. v1 files still load."""
+"""v2: masks named by parameter (``conv1.weight``), state fingerprint. v1 files still load.
+
+The optional ``prototype`` tensor (task inference) was added within v2: files without it
+load (``prototype=None``) and readers that predate it ignore it."""
 
 
 @dataclass
@@ -58,6 +61,9 @@ class TaskArtifact:
     threshold: float = 5e-3
     config: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    #: mean pretrained (unmasked) backbone feature of the task's training images, for
+    #: nearest-mean task inference; None in artifacts written before it existed
+    prototype: torch.Tensor | None = None
 
     @property
     def num_masked_weights(self) -> int:
@@ -76,6 +82,7 @@ class TaskArtifact:
             *self.bn_state.values(),
             *self.weights.values(),
             *self.extra.values(),
+            *([self.prototype] if self.prototype is not None else []),
         ]
         return self.mask_bytes() + sum(t.numel() * t.element_size() for t in tensors)
 
@@ -109,6 +116,7 @@ def artifact_from_model(
     class_names: list[str] | None = None,
     config: dict[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
+    prototype: torch.Tensor | None = None,
 ) -> TaskArtifact:
     """A task artifact from a method's :class:`ArtifactParts` and the task's head."""
     masks = list(masked_weights(backbone))
@@ -129,6 +137,7 @@ def artifact_from_model(
         threshold=masks[0][1].threshold if masks else 5e-3,
         config=config,
         metrics=dict(metrics or {}),
+        prototype=None if prototype is None else prototype.detach().to("cpu", torch.float32),
     )
 
 
@@ -138,6 +147,8 @@ def artifact_tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
     tensors.update({f"bn/{k}": v.contiguous() for k, v in artifact.bn_state.items()})
     tensors.update({f"weights/{k}": v.contiguous() for k, v in artifact.weights.items()})
     tensors.update({f"extra/{k}": v.contiguous() for k, v in artifact.extra.items()})
+    if artifact.prototype is not None:
+        tensors["prototype"] = artifact.prototype.contiguous()
     return {k: v.detach().to("cpu") for k, v in tensors.items()}
 
 
@@ -222,6 +233,7 @@ def artifact_from_parts(
         threshold=meta["threshold"],
         config=meta.get("config"),
         metrics=meta.get("metrics") or {},
+        prototype=tensors.get("prototype"),
     )
 
 

@@ -24,6 +24,7 @@ from piggyback.nn.layers import (
     module_masks,
     remove_weight_masks,
 )
+from piggyback.nn.superpose import pretrained_weights, superposed
 from piggyback.nn.threshold import (
     DEFAULT_THRESHOLD,
     GRAD_RESCALES,
@@ -55,10 +56,12 @@ __all__ = [
     "materialize",
     "module_masks",
     "num_masked_weights",
+    "pretrained_weights",
     "quantize",
     "remove_weight_masks",
     "reset_masks",
     "set_masks",
+    "superposed",
     "ternarizer",
     "unmask_model",
     "weight_names",
