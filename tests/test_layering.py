@@ -52,6 +52,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "piggyback.module",
             "piggyback.multitask",
+            "piggyback.storage",
+            "piggyback.taskinfer",
         ),
     ),
     # the steps that train and evaluate are made of
@@ -63,6 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "piggyback.sweep",
             "piggyback.report",
             "piggyback.testing",
+            "piggyback.task_report",
         ),
     ),
     # what the entry points call: orchestration only

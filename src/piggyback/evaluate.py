@@ -53,6 +53,12 @@ from piggyback.report import (
     write_csv,
 )
 from piggyback.resolvers import register_resolvers
+from piggyback.task_report import (  # task inference (issue 16)
+    collect,
+    report_task_inference,
+    strategy_list,
+    task_inference_block,
+)
 from piggyback.train import CONF_DIR, USER_ERRORS
 
 log = logging.getLogger(__name__)
@@ -515,6 +521,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = _device(str(cfg.get("device", "auto")))
     limit = cfg.get("limit_test_batches")
     fallback = cfg.get("fallback_to_stored", True)
+    strategies = strategy_list(cfg.get("task_inference"))  # task inference: names checked
 
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
@@ -526,9 +533,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         group = groups[label]
         model = _build_model(group, cfg, pristine).to(device)
         group_rows = []
+        loaders = {}  # task inference: every task's test loader
         for e in group:
             row = _row(e)
             loader, why = _test_loader(e.artifact, cfg)
+            if loader is not None:  # task inference
+                loaders[e.artifact.task] = loader
             if loader is not None:
                 top1, top5, n = _accuracy(
                     model, e.artifact.task, e.artifact.num_classes, loader, device, limit
@@ -555,6 +565,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             storage["bundle_file"] = str(path)
             storage["bundle_file_bytes"] = path.stat().st_size
         summary[label] = _summary(label, group_rows, storage)
+        if strategies and len(loaders) > 1:  # task inference (piggyback.task_report)
+            batches = collect(loaders, limit)
+            summary[label]["task_inference"] = task_inference_block(
+                model, batches, strategies, device, cfg.get("seed", 0)
+            )
         rows.extend(group_rows)
         del model
 
@@ -577,6 +592,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     log_to_loggers(cfg, result)
     if cfg.get("print_table", True):
         print(report, flush=True)
+    report_task_inference(result, output_dir, cfg.get("print_table", True))  # task inference
     return result
 
 

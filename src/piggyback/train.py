@@ -33,6 +33,7 @@ from piggyback.module import PiggybackModule
 from piggyback.resolvers import fresh_subdir, register_resolvers
 from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
 from piggyback.sweep import record_job_failure
+from piggyback.task_report import check_task_inference, sequence_task_inference  # issue 16
 from piggyback.validate import ConfigError, check_channels, check_config, check_resume
 
 log = logging.getLogger(__name__)
@@ -292,6 +293,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train every task of ``cfg.data`` on one backbone; returns flat metrics."""
     tasks = task_configs(cfg.data)
     check_config(cfg, tasks)
+    check_task_inference(cfg)  # task inference: strategy names, oneshot needs masks
     L.seed_everything(cfg.get("seed", 0), workers=True)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -321,6 +323,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if len(matrix) == len(tasks):
         summary["cl"] = continual_learning(cfg, records, matrix)
+        inference = sequence_task_inference(cfg, learned)  # task inference, at the cl end
+        if inference is not None:
+            summary["cl"]["task_inference"] = inference
     if module is None or module.trainer is None or module.trainer.is_global_zero:
         atomic_write_text(
             output_dir / "metrics.json", json.dumps(summary, indent=2), overwrite=True

@@ -75,6 +75,8 @@ class Strategy:
     name: ClassVar[str] = ""
     #: one line for reports: what it computes
     summary: ClassVar[str] = ""
+    #: its scores come with every task's logits (a prediction needs no extra forward)
+    gives_logits: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -24,6 +24,7 @@ class Entropy(Strategy):
 
     name = "entropy"
     summary = "T forwards, lowest normalised entropy"
+    gives_logits = True
 
     def sample_scores(self, host: TaskInferenceHost, x: torch.Tensor) -> Scores:
         logits = all_task_logits(host, x)

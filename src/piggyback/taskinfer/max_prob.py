@@ -18,6 +18,7 @@ class MaxProb(Strategy):
 
     name = "max_prob"
     summary = "T forwards, highest max softmax"
+    gives_logits = True
 
     def sample_scores(self, host: TaskInferenceHost, x: torch.Tensor) -> Scores:
         logits = all_task_logits(host, x)
