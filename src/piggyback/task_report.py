@@ -216,7 +216,9 @@ def sequence_task_inference(
     for task, _, datamodule in learned:
         datamodule.setup("test")
         loaders[task] = datamodule.test_dataloader()
-    return task_inference_block(model, collect(loaders), names, device, cfg.get("seed", 0))
+    limit = cfg.trainer.get("limit_test_batches")  # an int limits task inference alike
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+    return task_inference_block(model, collect(loaders, limit), names, device, cfg.get("seed", 0))
 
 
 def format_task_inference(blocks: Mapping[str, Mapping[str, Any]]) -> str:

@@ -13,7 +13,7 @@ from piggyback.nn import get_masks, mask_model, pretrained_weights, superposed, 
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(256, 3))
 
 
 def _masked_copy(net: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
