@@ -54,10 +54,9 @@ from piggyback.report import (
 )
 from piggyback.resolvers import register_resolvers
 from piggyback.task_report import (  # task inference (issue 16)
-    collect,
+    group_task_inference,
     report_task_inference,
     strategy_list,
-    task_inference_block,
 )
 from piggyback.train import CONF_DIR, USER_ERRORS
 
@@ -521,7 +520,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     device = _device(str(cfg.get("device", "auto")))
     limit = cfg.get("limit_test_batches")
     fallback = cfg.get("fallback_to_stored", True)
-    strategies = strategy_list(cfg.get("task_inference"))  # task inference: names checked
+    strategy_list(cfg.get("task_inference"))  # task inference: names checked up front
 
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
@@ -565,11 +564,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             storage["bundle_file"] = str(path)
             storage["bundle_file_bytes"] = path.stat().st_size
         summary[label] = _summary(label, group_rows, storage)
-        if strategies and len(loaders) > 1:  # task inference (piggyback.task_report)
-            batches = collect(loaders, limit)
-            summary[label]["task_inference"] = task_inference_block(
-                model, batches, strategies, device, cfg.get("seed", 0)
-            )
+        block = group_task_inference(cfg, model, loaders, device)  # task inference
+        if block is not None:
+            summary[label]["task_inference"] = block
         rows.extend(group_rows)
         del model
 

@@ -40,10 +40,12 @@ from piggyback.taskinfer import (
 __all__ = [
     "check_task_inference",
     "format_task_inference",
+    "group_task_inference",
     "report_task_inference",
     "sequence_task_inference",
     "strategy_list",
     "task_inference_block",
+    "wants_all",
 ]
 
 Batches = dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
@@ -67,12 +69,17 @@ def strategy_list(spec: Any) -> list[str]:
     return names
 
 
+def wants_all(spec: Any) -> bool:
+    """``task_inference=all``: strategies the tasks cannot use are skipped, not errors."""
+    return isinstance(spec, str) and spec == "all"
+
+
 def check_task_inference(cfg: DictConfig) -> list[str]:
     """Before training: the strategies exist and the method can serve them (oneshot needs
     masks over one frozen backbone)."""
     names = strategy_list(cfg.get("task_inference"))
     method = method_class(str(cfg.method.get("name", "piggyback")))
-    if "oneshot" in names and not method.superposable:
+    if "oneshot" in names and not method.superposable and not wants_all(cfg.task_inference):
         others = [n for n in sorted(REGISTRY) if n != "oneshot"]
         raise TaskInferenceError(
             f"task_inference=oneshot superposes masks over one frozen backbone; method "
@@ -158,12 +165,24 @@ def task_inference_block(
     strategies: Sequence[str],
     device: torch.device,
     seed: int = 0,
+    skip_unusable: bool = False,
 ) -> dict[str, Any]:
-    """Per strategy, per batch and per sample: per-task and overall accuracies and cost."""
+    """Per strategy, per batch and per sample: per-task and overall accuracies and cost.
+
+    A strategy the tasks cannot use raises :class:`TaskInferenceError`, or with
+    ``skip_unusable`` (``task_inference=all``) is listed under ``skipped`` with the reason.
+    """
     tasks = list(batches)
     rules = {name: build_strategy(name) for name in strategies}
-    for rule in rules.values():
-        rule.check(model)  # refuse before measuring anything
+    skipped = {}
+    for name, rule in list(rules.items()):
+        try:
+            rule.check(model)  # refuse before measuring anything
+        except TaskInferenceError as exc:
+            if not skip_unusable:
+                raise
+            skipped[name] = str(exc)
+            del rules[name]
     xs = torch.cat([x for t in tasks for x, _ in batches[t]])
     ys = torch.cat([y for t in tasks for _, y in batches[t]])
     owner = [t for t in tasks for _, y in batches[t] for _ in range(len(y))]
@@ -173,6 +192,7 @@ def task_inference_block(
         "task_aware_pct": _task_aware(model, batches, device),
         "mixed_stream": {"inputs": len(ys), "batch_size": size, "seed": seed},
         "strategies": {},
+        "skipped": skipped,
     }
     for name, rule in rules.items():
         rows: dict[str, dict[str, int]] = {}
@@ -198,6 +218,23 @@ def task_inference_block(
     return block
 
 
+def group_task_inference(
+    cfg: DictConfig, model: MultiTaskModel, loaders: Mapping[str, Any], device: torch.device
+) -> dict[str, Any] | None:
+    """Evaluate's block for one method group (None: off, or fewer than two tasks with data)."""
+    names = strategy_list(cfg.get("task_inference"))
+    if not names or len(loaders) < 2:
+        return None
+    return task_inference_block(
+        model,
+        collect(loaders, cfg.get("limit_test_batches")),
+        names,
+        device,
+        cfg.get("seed", 0),
+        skip_unusable=wants_all(cfg.get("task_inference")),
+    )
+
+
 def sequence_task_inference(
     cfg: DictConfig, learned: Sequence[tuple[str, Any, Any]]
 ) -> dict[str, Any] | None:
@@ -218,7 +255,14 @@ def sequence_task_inference(
         loaders[task] = datamodule.test_dataloader()
     limit = cfg.trainer.get("limit_test_batches")  # an int limits task inference alike
     limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
-    return task_inference_block(model, collect(loaders, limit), names, device, cfg.get("seed", 0))
+    return task_inference_block(
+        model,
+        collect(loaders, limit),
+        names,
+        device,
+        cfg.get("seed", 0),
+        skip_unusable=wants_all(cfg.get("task_inference")),
+    )
 
 
 def format_task_inference(blocks: Mapping[str, Mapping[str, Any]]) -> str:
