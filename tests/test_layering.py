@@ -59,6 +59,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "piggyback.module",
             "piggyback.multitask",
+            "piggyback.storage",
+            "piggyback.taskinfer",
         ),
     ),
     # the steps that train and evaluate are made of
@@ -75,6 +77,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "piggyback.training",  # train.py's steps: task, sequence, records, run folder, ...
             "piggyback.evaluation",  # evaluate.py's steps: runs, rebuild, tester, rows
             "piggyback.cli",  # config folder, user errors, Hydra glue shared by both entries
+            "piggyback.task_report",
         ),
     ),
     # what the entry points call: orchestration only

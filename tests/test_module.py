@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import torch
 
+from piggyback.backbones import build_backbone
 from piggyback.data.digits import DigitsDataModule
 from piggyback.module import PiggybackModule
 from piggyback.nn import get_masks, masked_weights
@@ -159,3 +160,21 @@ def test_mask_statistics_are_logged(tmp_path, demo_cache):
     assert 0.0 <= float(metrics["masks/zeros"]) < 1.0
     per_layer = [k for k in metrics if k.startswith("masks/zeros/")]
     assert len(per_layer) == 5  # the demo CNN has 5 convs; its classifier is stripped
+
+
+@pytest.mark.parametrize("method", ["piggyback", "packnet"])
+def test_prototype_is_the_pretrained_networks_mean_feature_and_changes_nothing(demo_cache, method):
+    """PackNet has already pruned (zeroed) half the pretrained weights when its first task
+    starts: the prototype must still come from the pretrained values, and the trained state
+    must be exactly as before afterwards."""
+    module = demo_module(demo_cache, method, mask={"mask_init": "uniform"}).eval()
+    pretrained = build_backbone("small_cnn", weights="demo", cache_dir=demo_cache).model.eval()
+    x = torch.rand(10, 1, 32, 32)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        live = module.backbone(x)
+        assert not torch.allclose(live, pretrained(x))  # masked / pruned: not the pretrained
+        proto = module.feature_mean([(x[:6], None), (x[6:], None)])
+        torch.testing.assert_close(proto, pretrained(x).mean(0))
+        assert torch.equal(module.backbone(x), live)
+    assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items())

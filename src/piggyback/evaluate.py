@@ -56,6 +56,7 @@ from piggyback.report import (
 )
 from piggyback.resolvers import register_resolvers
 from piggyback.run_lock import RunLock
+from piggyback.task_report import group_task_inference, report_task_inference, strategy_list
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,20 @@ __all__ = [
 
 
 def evaluate_task(
-    e: Entry, model: MultiTaskModel, cfg: DictConfig, device: torch.device
+    e: Entry,
+    model: MultiTaskModel,
+    cfg: DictConfig,
+    device: torch.device,
+    loaders: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One task's row: tested on rebuilt data, else the stored accuracy (when allowed)."""
+    """One task's row: tested on rebuilt data, else the stored accuracy (when allowed).
+
+    ``loaders`` collects each tested task's test loader (for the task-inference report)."""
     limit = cfg.get("limit_test_batches")
     row = new_row(e)
     loader, why = test_loader(e.artifact, cfg)
+    if loader is not None and loaders is not None:
+        loaders[e.artifact.task] = loader
     if loader is not None:
         top1, top5, n = test_accuracy(
             model, e.artifact.task, e.artifact.num_classes, loader, device, limit
@@ -127,6 +136,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         best_by_val=cfg.get("best_by_val", False),
     )
     device = choose_device(str(cfg.get("device", "auto")))
+    strategy_list(cfg.get("task_inference"))  # task inference: names checked up front
 
     groups: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
@@ -136,9 +146,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     pristine: dict[str, Any] = {}  # backbones built so far, shared by the groups
     for label in sorted(groups, key=method_key):
         model = build_model(groups[label], cfg, pristine).to(device)
-        group_rows = [evaluate_task(e, model, cfg, device) for e in groups[label]]
+        loaders: dict[str, Any] = {}  # every tested task's loader, for task inference
+        group_rows = [evaluate_task(e, model, cfg, device, loaders) for e in groups[label]]
         storage = group_storage(model, label, cfg, output_dir)
         summary[label] = group_summary(label, group_rows, storage)
+        block = group_task_inference(cfg, model, loaders, device)
+        if block is not None:
+            summary[label]["task_inference"] = block
         rows.extend(group_rows)
         del model
 
@@ -155,6 +169,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     log_to_loggers(cfg, result)
     if cfg.get("print_table", True):
         print(report, flush=True)
+    report_task_inference(result, output_dir, cfg.get("print_table", True))
     return result
 
 

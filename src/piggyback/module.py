@@ -8,7 +8,10 @@ paper's no-forgetting guarantee: adding task B leaves task A's predictions bit-i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -25,9 +28,11 @@ from piggyback.formats import (
     artifact_from_model,
     bn_state_dict,
     fingerprint,
+    load_bn_state,
 )
 from piggyback.instantiate import build
 from piggyback.methods import Method, TaskState, build_method
+from piggyback.nn import pretrained_weights
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -85,6 +90,22 @@ def _decode_stored(stored: dict[str, Any]) -> dict[str, Any]:
             for n, m in out["masks"].items()
         }
     return out
+
+
+def _moving_weights(backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of the backbone weights its method will train (none for Piggyback).
+
+    Masks and BN are not weights here: the pretrained view ignores masks and restores the
+    pretrained BN anyway. Only fine-tuning and PackNet move W, and only they pay for a copy.
+    """
+    bn_params = {
+        id(p) for m in backbone.modules() if isinstance(m, _BN) for p in m.parameters(False)
+    }
+    return {
+        name: p.detach().to("cpu", copy=True)
+        for name, p in backbone.named_parameters()
+        if p.requires_grad and not name.endswith("mask_real") and id(p) not in bn_params
+    }
 
 
 class PiggybackModule(L.LightningModule):
@@ -149,6 +170,7 @@ class PiggybackModule(L.LightningModule):
         self.backbone_fingerprint = fingerprint(self.backbone)
         self.pretrained_bn = bn_state_dict(self.backbone)
         self.method.prepare_backbone(self, self.mask_cfg)
+        self._pristine = _moving_weights(self.backbone)
 
         self.heads = nn.ModuleDict()
         self.metrics = nn.ModuleDict()
@@ -323,6 +345,57 @@ class PiggybackModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.method.on_train_end(self)
+        loader = self.trainer.train_dataloader
+        if loader is not None:
+            batches = self.trainer.num_training_batches
+            limit = None if math.isinf(batches) else int(batches)
+            self.tasks[self.task].prototype = self.feature_mean(loader, limit)
+
+    # ------------------------------------------------------------ task inference
+    @contextmanager
+    def pretrained_network(self) -> Iterator[nn.Module]:
+        """The backbone as it was pretrained, for a ``with`` block: unmasked, pretrained BN
+        in eval mode, and, for methods that train the weights (fine-tuning, PackNet), the
+        pretrained values swapped in. Everything is put back on exit."""
+        backbone = self.backbone
+        modes = {m: m.training for m in backbone.modules()}
+        bn = bn_state_dict(backbone)
+        params = dict(backbone.named_parameters())
+        trained = {n: params[n].detach().clone() for n in self._pristine}
+        try:
+            with torch.no_grad():
+                for name, value in self._pristine.items():
+                    params[name].copy_(value)
+            load_bn_state(backbone, self.pretrained_bn)
+            backbone.eval()
+            with pretrained_weights(backbone):
+                yield backbone
+        finally:
+            with torch.no_grad():
+                for name, value in trained.items():
+                    params[name].copy_(value)
+            load_bn_state(backbone, bn)
+            for module, mode in modes.items():
+                module.training = mode
+
+    @torch.no_grad()
+    def feature_mean(self, batches: Iterable[Any], limit: int | None = None) -> torch.Tensor:
+        """Mean pretrained feature over ``batches`` (``(x, y, ...)``): the task's prototype.
+
+        What nearest-mean task inference (``piggyback.taskinfer``) compares an input's
+        pretrained feature with: a few KB per task, stored in its artifact. Under DDP each
+        rank averages its own shard (rank 0 writes the artifact).
+        """
+        total, count = None, 0
+        with self.pretrained_network() as net:
+            for batch in itertools.islice(batches, limit):
+                x = batch[0].to(self.device)
+                features = net(x).flatten(1).double()
+                total = features.sum(0) if total is None else total + features.sum(0)
+                count += len(x)
+        if total is None:
+            raise ValueError(f"task {self.task!r}: no training batch to compute its prototype")
+        return (total / count).float().cpu()
 
     def on_train_epoch_end(self) -> None:
         metrics = self.method.epoch_metrics(self)
@@ -352,6 +425,7 @@ class PiggybackModule(L.LightningModule):
             class_names=self.tasks[self.task].class_names,
             config=config,
             metrics=metrics,
+            prototype=self.tasks[self.task].prototype,
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -366,6 +440,7 @@ class PiggybackModule(L.LightningModule):
                     "num_classes": s.num_classes,
                     "class_names": s.class_names,
                     "stored": _encode_stored(s.stored),
+                    "prototype": s.prototype,
                 }
                 for name, s in self.tasks.items()
             },
@@ -384,7 +459,9 @@ class PiggybackModule(L.LightningModule):
         self.method.load_checkpoint_state(self, saved.get("method_state") or {})
         for name, info in saved["tasks"].items():
             stored = _decode_stored(info["stored"])
-            self._register_task(name, TaskState(info["num_classes"], info["class_names"], stored))
+            state = TaskState(info["num_classes"], info["class_names"], stored)
+            state.prototype = info.get("prototype")
+            self._register_task(name, state)
         # The current task's live mask and BN come with the state dict itself.
         self.task = saved["task"]
         self._set_trainable_heads()

@@ -5,7 +5,9 @@ module makes that concrete at inference time: :class:`MultiTaskModel` holds the 
 backbone once and every task's artifact (packed masks, head, BN state); ``model(x,
 task="cubs")`` swaps in that task's mask and BN state (never reloading the backbone) and
 applies its head. A batch holds one task; :meth:`MultiTaskModel.predict_mixed` groups a
-mixed request list by task so each task is switched to once.
+mixed request list by task so each task is switched to once. Inputs without a task label:
+:meth:`MultiTaskModel.infer_task` and :meth:`MultiTaskModel.predict` find the task with a
+strategy of ``piggyback.taskinfer`` (entropy, max_prob, SupSup's oneshot, prototype).
 
 A *bundle* (``save_bundle``/``load_bundle``) is one safetensors file (never pickle) holding
 the backbone weights once and every task, so a deployment needs a single file and no
@@ -19,9 +21,7 @@ itself, e.g. ~94 MB for ResNet-50) and, once loaded, a full network's memory.
 from __future__ import annotations
 
 import copy
-import functools
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from piggyback.backbones import BackboneError, build_backbone
+from piggyback.backbones import build_backbone
 from piggyback.formats import (
     BUNDLE_FORMAT,
     FINGERPRINT_SCHEME,
@@ -51,8 +51,17 @@ from piggyback.nn.convert import (
     mask_model,
     masked_weights,
     unmask_model,
-    weight_names,
 )
+from piggyback.storage import (
+    architecture_bytes,
+    layer_order,
+    masks_in_network_order,
+    state_bytes,
+    storage_summary,
+)
+from piggyback.taskinfer import PER_CHOICES, Prediction, Strategy
+from piggyback.taskinfer import infer_task as _infer_task
+from piggyback.taskinfer import predict as _predict
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -78,76 +87,6 @@ def group_by_task(tasks: Iterable[str]) -> dict[str, list[int]]:
     for i, task in enumerate(tasks):
         groups.setdefault(task, []).append(i)
     return groups
-
-
-def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    """Payload bytes of a state dict (what safetensors stores, headers aside)."""
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def _backbone_state(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """The frozen weights without the per-task ``mask_real`` tensors of masked weights."""
-    return frozen_state_dict(backbone)
-
-
-def architecture_bytes(name: str) -> int:
-    """Float32 size of a backbone architecture (classifier stripped), without any download."""
-    return state_bytes(_backbone_state(build_backbone(name, weights=None).model))
-
-
-@functools.lru_cache(maxsize=8)
-def layer_order(backbone_name: str) -> tuple[str, ...]:
-    """Maskable weight names of an architecture in network order (built offline, no weights)."""
-    model = build_backbone(backbone_name, weights=None).model
-    return tuple(
-        f"{name}.{pname}" if name else pname
-        for name, m in model.named_modules()
-        for pname in weight_names(m)
-    )
-
-
-def _natural(name: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def masks_in_network_order(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
-    """The artifact's unpacked masks ordered stem first, as the layers run.
-
-    Kernel- or filter-granular masks come expanded to their weights' shapes (views), so
-    statistics and plots count switched-off weights whatever the granularity.
-
-    Artifact files list layers alphabetically (``features.10`` before ``features.3``), which
-    would scramble every by-depth plot; the architecture gives the true order, and a natural
-    sort is the fallback for architectures that cannot be rebuilt here.
-    """
-    masks = artifact.weight_masks()
-    try:
-        rank = {name: i for i, name in enumerate(layer_order(artifact.backbone))}
-    except BackboneError:
-        rank = {}
-    ordered = sorted(masks, key=lambda n: (rank.get(n, len(rank)), _natural(n)))
-    return {name: masks[name] for name in ordered}
-
-
-def storage_summary(artifacts: Sequence[TaskArtifact], backbone_bytes: int) -> dict[str, Any]:
-    """Multi-task model (backbone once + every task) against one fine-tuned network per task.
-
-    ``separate_networks_bytes`` is what the paper's "individual networks" baseline stores:
-    a full backbone copy plus a head for every task.
-    """
-    tasks = {a.task: a.task_bytes() for a in artifacts}
-    heads = sum(state_bytes(a.head) for a in artifacts)
-    total = backbone_bytes + sum(tasks.values())
-    separate = len(artifacts) * backbone_bytes + heads
-    return {
-        "num_tasks": len(artifacts),
-        "backbone_bytes": backbone_bytes,
-        "task_bytes": tasks,
-        "total_bytes": total,
-        "separate_networks_bytes": separate,
-        "x_backbone": total / backbone_bytes if backbone_bytes else float("nan"),
-        "saving_vs_separate": separate / total if total else float("nan"),
-    }
 
 
 # ------------------------------------------------------------------------- the model
@@ -183,6 +122,7 @@ class MultiTaskModel(nn.Module):
         self._artifacts: dict[str, TaskArtifact] = {}
         self._loaded: str | None = None  # task whose masks/BN the shared backbone holds
         self.task: str | None = None
+        self.inference_cache: dict[str, Any] = {}  # task inference (mask stacks); per task set
         self.requires_grad_(False)
         self.eval()
 
@@ -272,6 +212,7 @@ class MultiTaskModel(nn.Module):
         head = artifact.build_head().to(self._device())
         self.heads[artifact.task] = head.requires_grad_(False)
         self._artifacts[artifact.task] = artifact
+        self.inference_cache.clear()
         if self._loaded == artifact.task:
             self._loaded = None
         if self.task == artifact.task:
@@ -282,6 +223,7 @@ class MultiTaskModel(nn.Module):
     def remove_task(self, task: str) -> None:
         self._known(task)
         del self._artifacts[task], self.heads[task]
+        self.inference_cache.clear()
         if task in self.finetuned:
             del self.finetuned[task]
         if self.task == task:
@@ -338,16 +280,52 @@ class MultiTaskModel(nn.Module):
                     out[i] = value
         return out
 
+    # -------------------------------------------------------------- task inference
+    def infer_task(
+        self, x: torch.Tensor, strategy: str | Strategy = "entropy", per: str = "batch"
+    ) -> str | list[str]:
+        """The task of unlabeled inputs ``x``: one name for the batch (``per="batch"``,
+        SupSup's setting) or one per input (``per="sample"``, a mixed stream).
+
+        ``strategy``: ``entropy`` | ``max_prob`` | ``oneshot`` | ``prototype`` (see
+        ``piggyback.taskinfer``). The current task is left as it was.
+        """
+        if per not in PER_CHOICES:
+            raise ValueError(f"per must be one of {PER_CHOICES}, got {per!r}")
+        current = self.task
+        try:
+            return _infer_task(self, x, strategy, per)
+        finally:
+            self._restore(current)
+
+    def predict(
+        self, x: torch.Tensor, strategy: str | Strategy = "entropy", per: str = "sample"
+    ) -> list[Prediction]:
+        """``(task, label)`` for every input of ``x`` without task labels: the task from
+        ``strategy`` (per input by default), the class from that task's network."""
+        current = self.task
+        try:
+            return _predict(self, x, strategy, per)
+        finally:
+            self._restore(current)
+
+    def _restore(self, task: str | None) -> None:
+        """Back to ``task`` after task inference switched the backbone between tasks."""
+        if task is None:
+            self.task = None
+        elif task in self._artifacts:
+            self.set_task(task)
+
     # -------------------------------------------------------------- storage
     def backbone_bytes(self) -> int:
-        return state_bytes(_backbone_state(self.backbone))
+        return state_bytes(frozen_state_dict(self.backbone))
 
     def storage(self) -> dict[str, Any]:
         return storage_summary(list(self._artifacts.values()), self.backbone_bytes())
 
     def pretrained_state(self) -> dict[str, torch.Tensor]:
         """Backbone weights with the pretrained BN statistics, whatever task is loaded."""
-        state = _backbone_state(self.backbone)
+        state = frozen_state_dict(self.backbone)
         for key, value in self.pretrained_bn.items():
             state[key] = value
         return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}

@@ -24,6 +24,7 @@ from piggyback.data.base import TaskDataModule
 from piggyback.instantiate import build
 from piggyback.resolvers import register_resolvers
 from piggyback.run_lock import RunLock
+from piggyback.task_report import check_task_inference, sequence_task_inference
 from piggyback.training.interrupt import Interrupted, report_interrupt
 from piggyback.training.records import print_tables, run_summary
 from piggyback.training.run_folder import RunFolder
@@ -59,6 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig) -> dict[str, Any]:
     tasks = task_configs(cfg.data)
     check_config(cfg, tasks)
+    check_task_inference(cfg)  # task inference: strategy names, oneshot needs masks
     L.seed_everything(cfg.get("seed", 0), workers=True)
     folder = RunFolder.create(cfg.paths.output_dir)
     if cfg.get("resume") and len(tasks) > 1:
@@ -78,6 +80,9 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
     summary = run_summary(cfg, records)
     if matrix.complete:
         summary["cl"] = continual_learning(cfg, records, matrix.rows)
+        inference = sequence_task_inference(cfg, matrix.learned)  # at the end of the cl block
+        if inference is not None:
+            summary["cl"]["task_inference"] = inference
     if module is None or module.trainer is None or module.trainer.is_global_zero:
         folder.write_metrics(summary)
     if cfg.get("print_table", True):

@@ -27,7 +27,10 @@ FORMAT_VERSION = 3
 """v2: masks named by parameter (``conv1.weight``), state fingerprint. v3: masks of reduced
 shape (``kernel``/``filter`` granularity, with the weight's shape in the metadata) and soft
 mask scales (``scale/<name>``). Files with only plain per-weight masks are still written as
-v2, so older releases keep reading them; v1 and v2 files load."""
+v2, so older releases keep reading them; v1 and v2 files load.
+
+The optional ``prototype`` tensor (task inference) was added within v2: files without it
+load (``prototype=None``) and readers that predate it ignore it."""
 PLAIN_VERSION = 2
 
 
@@ -62,6 +65,9 @@ class TaskArtifact:
     threshold: float = 5e-3
     config: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    #: mean pretrained (unmasked) backbone feature of the task's training images, for
+    #: nearest-mean task inference; None in artifacts written before it existed
+    prototype: torch.Tensor | None = None
 
     @property
     def num_masked_weights(self) -> int:
@@ -96,6 +102,7 @@ class TaskArtifact:
             *self.bn_state.values(),
             *self.weights.values(),
             *self.extra.values(),
+            *([self.prototype] if self.prototype is not None else []),
         ]
         return self.mask_bytes() + sum(t.numel() * t.element_size() for t in tensors)
 
@@ -129,6 +136,7 @@ def artifact_from_model(
     class_names: list[str] | None = None,
     config: dict[str, Any] | None = None,
     metrics: Mapping[str, float] | None = None,
+    prototype: torch.Tensor | None = None,
 ) -> TaskArtifact:
     """A task artifact from a method's :class:`ArtifactParts` and the task's head."""
     masks = list(masked_weights(backbone))
@@ -149,6 +157,7 @@ def artifact_from_model(
         threshold=masks[0][1].threshold if masks else 5e-3,
         config=config,
         metrics=dict(metrics or {}),
+        prototype=None if prototype is None else prototype.detach().to("cpu", torch.float32),
     )
 
 
@@ -165,6 +174,8 @@ def artifact_tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
     tensors.update({f"bn/{k}": v.contiguous() for k, v in artifact.bn_state.items()})
     tensors.update({f"weights/{k}": v.contiguous() for k, v in artifact.weights.items()})
     tensors.update({f"extra/{k}": v.contiguous() for k, v in artifact.extra.items()})
+    if artifact.prototype is not None:
+        tensors["prototype"] = artifact.prototype.contiguous()
     return {k: v.detach().to("cpu") for k, v in tensors.items()}
 
 
@@ -262,6 +273,7 @@ def artifact_from_parts(
         threshold=meta["threshold"],
         config=meta.get("config"),
         metrics=meta.get("metrics") or {},
+        prototype=tensors.get("prototype"),
     )
 
 

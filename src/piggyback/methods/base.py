@@ -50,6 +50,10 @@ class Method:
     separate_networks: ClassVar[bool] = False
     #: later tasks can change earlier tasks' predictions (shown by the CL report)
     may_forget: ClassVar[bool] = False
+    #: a task is the shared frozen W under a mask, so several tasks can run as one
+    #: superposition ``W ⊙ Σ α_i M_i`` (SupSup's one-shot task inference); False for
+    #: methods that change W (fine-tuning, PackNet)
+    superposable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -200,3 +204,9 @@ class Method:
     def network(cls, model: InferenceHost, task: str) -> nn.Module:
         """The network that computes ``task``'s features in ``model``."""
         return model.backbone
+
+    @classmethod
+    def superposition_masks(cls, artifact: TaskArtifact) -> dict[str, torch.Tensor] | None:
+        """The task's quantised masks (int8, by weight name) for a superposition of tasks;
+        None: the pretrained weights (every mask all ones)."""
+        return None

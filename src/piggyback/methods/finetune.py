@@ -20,6 +20,7 @@ class Finetune(Method):
     default_lr = {"backbone": 1e-3}
     default_optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9}
     separate_networks = True
+    superposable = False  # W itself changes per task: no masks over one frozen W
 
     def __init__(self, *, bn: str = "train", **options: Any) -> None:
         super().__init__(bn=bn, **options)

@@ -27,6 +27,8 @@ class TaskState:
     num_classes: int
     class_names: list[str] | None = None
     stored: dict[str, Any] = field(default_factory=dict)
+    #: mean pretrained feature of the task's training images (task inference); method-neutral
+    prototype: torch.Tensor | None = None
 
 
 class TrainingHost(Protocol):

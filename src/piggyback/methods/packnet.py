@@ -36,6 +36,7 @@ class PackNet(OwnedWeights):
     default_lr = {"backbone": 1e-3, "head": 1e-3}
     default_optimizer = {"_target_": "torch.optim.SGD", "_partial_": True, "momentum": 0.9}
     may_forget = False
+    superposable = False  # W itself changes per task: no masks over one frozen W
 
     def __init__(
         self,

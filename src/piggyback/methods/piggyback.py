@@ -165,6 +165,10 @@ class Piggyback(Method):
         model.ensure_masked(artifact)
 
     @classmethod
+    def superposition_masks(cls, artifact: TaskArtifact) -> dict[str, torch.Tensor] | None:
+        return {name: packed.unpack(torch.int8) for name, packed in artifact.masks.items()}
+
+    @classmethod
     def activate(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         for _, mask in masked_weights(model.backbone):  # binary and ternary tasks may mix
             mask.threshold, mask.threshold_fn = artifact.threshold, artifact.threshold_fn

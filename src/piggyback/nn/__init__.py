@@ -30,6 +30,7 @@ from piggyback.nn.layers import (
     remove_weight_masks,
     unit_shape,
 )
+from piggyback.nn.superpose import pretrained_weights, superposed
 from piggyback.nn.threshold import (
     DEFAULT_TEMPERATURE,
     DEFAULT_THRESHOLD,
@@ -69,12 +70,14 @@ __all__ = [
     "module_masks",
     "num_mask_units",
     "num_masked_weights",
+    "pretrained_weights",
     "quantize",
     "remove_weight_masks",
     "reset_masks",
     "scale_parameters",
     "set_masks",
     "softmax_binarizer",
+    "superposed",
     "ternarizer",
     "unit_masked_weight",
     "unit_shape",
