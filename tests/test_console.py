@@ -95,7 +95,7 @@ def test_demo_run_and_its_evaluation_print_each_banner_once(tmp_path, demo_cache
     assert train.returncode == 0, train.stderr[-3000:]
     out = train.stdout + train.stderr
     assert _repeats(out) == {}
-    assert out.count("GPU available:") <= 1 and out.count("litlogger") <= 1
+    assert out.count("GPU available:") <= 1 and out.count("💡 Tip") <= 1
     assert "LeafSpec" not in out
     assert out.count("Total params") == 1  # the model summary, once for the three tasks
     assert "Epoch 0:" in out  # the progress bars stay
@@ -113,7 +113,7 @@ def test_demo_run_and_its_evaluation_print_each_banner_once(tmp_path, demo_cache
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     out = evaluate.stdout + evaluate.stderr
     assert _repeats(out) == {}
-    assert out.count("GPU available:") <= 1 and out.count("litlogger") <= 1
+    assert out.count("GPU available:") <= 1 and out.count("💡 Tip") <= 1
     assert "was configured so 100%" not in out
     assert "LeafSpec" not in out
     assert "### Per task" in evaluate.stdout

@@ -72,9 +72,10 @@ def find_artifact_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) 
 
 
 def newest_run_artifacts(
-    root: str | os.PathLike = "outputs/demo", *, method: str | None = "piggyback"
+    root: str | os.PathLike = "outputs/demo", *, method: str | None = None
 ) -> Path:
-    """The ``artifacts`` folder of the newest run under ``root`` (optionally of one method).
+    """The ``artifacts`` folder of the newest run under ``root`` whose tasks learned masks
+    (Piggyback, KSM, ...), or, with ``method``, the newest run of that method.
 
     What the notebook opens by default: the last demo run that learned masks.
     """
@@ -85,15 +86,14 @@ def newest_run_artifacts(
         reverse=True,
     )
     for folder in folders:
-        if method is None:
-            return folder
         for file in folder.glob("*.safetensors"):
             try:
-                if load_artifact(file).method == method:
-                    return folder
+                artifact = load_artifact(file)
             except ArtifactError:
                 continue
-    what = f"{method} " if method else ""
+            if artifact.method == method if method else bool(artifact.masks):
+                return folder
+    what = f"{method} " if method else "masked "
     raise FileNotFoundError(
         f"no {what}run with artifacts under {root.resolve()}: run the demo first "
         "(`python train.py` in the repository root) or give the artifacts folder explicitly"
