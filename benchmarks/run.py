@@ -392,7 +392,10 @@ def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
     for key, detail in (
         ("set_task", "PiggybackModule.set_task: re-packs the outgoing task, unpacks the new one"),
         ("apply_artifact[bits]", "unpack 1-bit masks + load, precomputed fingerprint"),
-        ("apply_artifact[rice]", "decode rice masks + load, precomputed fingerprint"),
+        (
+            "apply_artifact[rice]",
+            "rice masks decoded on their first use, then read as 1-bit packing + load",
+        ),
     ):
         emit(
             f"resnet50_switch[{key}] / 100ms",
@@ -401,6 +404,25 @@ def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
             f"{med_ms(times, key):.1f} ms on {device.type}; {n_weights / 1e6:.1f}M masked "
             f"weights; {detail}",
         )
+
+    # The first switch to a rice task decodes it (a fresh artifact each round, not cached).
+    first = []
+    for _ in range(max(1, args.switches // 2)):
+        fresh = module.export_task("a", encoding="rice")
+        start = time.perf_counter()
+        apply_artifact(
+            module.backbone,
+            fresh,
+            backbone_fingerprint=module.backbone_fingerprint,
+            pretrained_bn=module.pretrained_bn,
+        )
+        first.append(time.perf_counter() - start)
+    emit(
+        "resnet50_first_switch[apply_artifact[rice]] / 100ms",
+        statistics.median(first) / SWITCH_BUDGET_S,
+        "target: once per task and process",
+        f"{1e3 * statistics.median(first):.1f} ms on {device.type}; decodes the rice masks",
+    )
 
     # Artifact size: ResNet-50 task "a", realistic mask, raw 1-bit vs rice, files on disk.
     with tempfile.TemporaryDirectory() as tmp:

@@ -42,7 +42,8 @@ def _decode(data: bytes, shape: tuple[int, ...]) -> torch.Tensor | None:
         out = packed.unpack(dtype=None)
     except ArtifactError:
         return None
-    assert out.dtype == torch.bool and tuple(out.shape) == shape
+    assert out.dtype == torch.uint8 and tuple(out.shape) == shape  # 0/1, as bits gives
+    assert out.numel() == 0 or int(out.max()) <= 1
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -53,6 +53,18 @@ class PackedMask:
     """Shape of the gated weight; ``None`` (older files): the mask's own shape."""
     scale: torch.Tensor | None = None
     """A soft (KSM) mask's float32 scale per unit, of shape ``shape``; ``None`` if plain."""
+    _decoded: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    """A ``rice`` mask decoded once, kept as 1-bit packing: a task switch re-reads it at the
+    speed of the ``bits`` encoding (ResNet-50: ~22 ms instead of ~166 ms per switch) for
+    1 bit per unit of memory. Not stored, not compared; replacing ``data`` drops it."""
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_decoded": None}  # pickles and copies carry the bytes only
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name == "data":  # the cache belongs to the bytes it was decoded from
+            object.__setattr__(self, "_decoded", None)
+        object.__setattr__(self, name, value)
 
     def __post_init__(self) -> None:
         # files and checkpoints written before the rename say "rle"; unknown names are left
@@ -97,7 +109,11 @@ class PackedMask:
 
     def unpack(self, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
         """The mask as a tensor of ``shape``; stored bytes that do not decode to exactly that
-        shape raise :class:`ArtifactError` (whatever the bytes: the decoder is fuzzed)."""
+        shape raise :class:`ArtifactError` (whatever the bytes: the decoder is fuzzed).
+
+        ``dtype=None`` gives the compact integer type whatever the encoding (uint8 0/1 for
+        binary masks, int8 for ternary), which ``copy_`` into a layer's mask converts in the
+        same pass (about 2x faster than copying from bool on a ResNet-50)."""
         encoding = self.encoding  # an old name was already renamed in __post_init__
         if encoding not in MASK_ENCODINGS:
             raise ArtifactError(f"unknown mask encoding {encoding!r} (newer piggyback?)")
@@ -110,11 +126,14 @@ class PackedMask:
                     f"expected {packed_size(self.numel, self.kind)} (truncated?)"
                 )
             return unpack_mask(self.data, self.shape, self.kind, dtype)
+        if self._decoded is not None:
+            return unpack_mask(self._decoded, self.shape, "binary", dtype)
         try:
             mask = decompress_mask(self.data.numpy().tobytes(), self.shape)
         except ValueError as exc:
             raise ArtifactError(f"mask of shape {self.shape}: {exc}") from None
-        return mask if dtype is None else mask.to(dtype)
+        self._decoded = pack_mask(mask, "binary")
+        return mask.view(torch.uint8) if dtype is None else mask.to(dtype)
 
     @property
     def numel(self) -> int:
