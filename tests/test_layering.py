@@ -57,6 +57,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
         "models",
         (
+            "piggyback.prototypes",  # the pretrained view and the task prototype
+            "piggyback.stored_state",  # a task's stored state in a checkpoint
             "piggyback.module",
             "piggyback.multitask",
             "piggyback.storage",

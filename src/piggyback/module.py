@@ -8,10 +8,9 @@ paper's no-forgetting guarantee: adding task B leaves task A's predictions bit-i
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import lightning as L
@@ -23,16 +22,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from piggyback.backbones import build_backbone
 from piggyback.formats import (
-    PackedMask,
     TaskArtifact,
     artifact_from_model,
     bn_state_dict,
     fingerprint,
-    load_bn_state,
 )
 from piggyback.instantiate import build
 from piggyback.methods import Method, TaskState, build_method
-from piggyback.nn import pretrained_weights
+from piggyback.prototypes import feature_mean, moving_weights, pretrained_view
+from piggyback.stored_state import decode_stored, encode_stored
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -55,57 +53,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, DictConfig | ListConfig):
         return OmegaConf.to_container(value, resolve=True)
     return value
-
-
-def _encode_stored(stored: dict[str, Any]) -> dict[str, Any]:
-    """A task's stored state in types a ``weights_only`` checkpoint load accepts."""
-    out = {k: v for k, v in stored.items() if k != "versions"}  # stale after a reload
-    if "masks" in out:
-        out["masks"] = {
-            n: {
-                "data": m.data,
-                "shape": list(m.shape),
-                "kind": m.kind,
-                "encoding": m.encoding,
-                "weight_shape": list(m.weight_shape),  # granularity (mask.granularity)
-                "scale": m.scale,  # soft (KSM) masks; None otherwise
-            }
-            for n, m in out["masks"].items()
-        }
-    return out
-
-
-def _decode_stored(stored: dict[str, Any]) -> dict[str, Any]:
-    out = dict(stored)
-    if "masks" in out:
-        out["masks"] = {
-            n: PackedMask(
-                m["data"],
-                tuple(m["shape"]),
-                m["kind"],
-                m.get("encoding", "bits"),
-                weight_shape=tuple(m["weight_shape"]) if "weight_shape" in m else None,
-                scale=m.get("scale"),
-            )
-            for n, m in out["masks"].items()
-        }
-    return out
-
-
-def _moving_weights(backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU copies of the backbone weights its method will train (none for Piggyback).
-
-    Masks and BN are not weights here: the pretrained view ignores masks and restores the
-    pretrained BN anyway. Only fine-tuning and PackNet move W, and only they pay for a copy.
-    """
-    bn_params = {
-        id(p) for m in backbone.modules() if isinstance(m, _BN) for p in m.parameters(False)
-    }
-    return {
-        name: p.detach().to("cpu", copy=True)
-        for name, p in backbone.named_parameters()
-        if p.requires_grad and not name.endswith("mask_real") and id(p) not in bn_params
-    }
 
 
 class PiggybackModule(L.LightningModule):
@@ -170,7 +117,7 @@ class PiggybackModule(L.LightningModule):
         self.backbone_fingerprint = fingerprint(self.backbone)
         self.pretrained_bn = bn_state_dict(self.backbone)
         self.method.prepare_backbone(self, self.mask_cfg)
-        self._pristine = _moving_weights(self.backbone)
+        self._pristine = moving_weights(self.backbone)
 
         self.heads = nn.ModuleDict()
         self.metrics = nn.ModuleDict()
@@ -352,50 +299,17 @@ class PiggybackModule(L.LightningModule):
             self.tasks[self.task].prototype = self.feature_mean(loader, limit)
 
     # ------------------------------------------------------------ task inference
-    @contextmanager
-    def pretrained_network(self) -> Iterator[nn.Module]:
-        """The backbone as it was pretrained, for a ``with`` block: unmasked, pretrained BN
-        in eval mode, and, for methods that train the weights (fine-tuning, PackNet), the
-        pretrained values swapped in. Everything is put back on exit."""
-        backbone = self.backbone
-        modes = {m: m.training for m in backbone.modules()}
-        bn = bn_state_dict(backbone)
-        params = dict(backbone.named_parameters())
-        trained = {n: params[n].detach().clone() for n in self._pristine}
-        try:
-            with torch.no_grad():
-                for name, value in self._pristine.items():
-                    params[name].copy_(value)
-            load_bn_state(backbone, self.pretrained_bn)
-            backbone.eval()
-            with pretrained_weights(backbone):
-                yield backbone
-        finally:
-            with torch.no_grad():
-                for name, value in trained.items():
-                    params[name].copy_(value)
-            load_bn_state(backbone, bn)
-            for module, mode in modes.items():
-                module.training = mode
+    def pretrained_network(self) -> AbstractContextManager[nn.Module]:
+        """The backbone as it was pretrained, for a ``with`` block (everything put back on
+        exit); see :func:`piggyback.prototypes.pretrained_view`."""
+        return pretrained_view(self.backbone, self.pretrained_bn, self._pristine)
 
-    @torch.no_grad()
     def feature_mean(self, batches: Iterable[Any], limit: int | None = None) -> torch.Tensor:
-        """Mean pretrained feature over ``batches`` (``(x, y, ...)``): the task's prototype.
-
-        What nearest-mean task inference (``piggyback.taskinfer``) compares an input's
-        pretrained feature with: a few KB per task, stored in its artifact. Under DDP each
-        rank averages its own shard (rank 0 writes the artifact).
-        """
-        total, count = None, 0
+        """Mean pretrained feature over ``batches``: the task's prototype (task inference)."""
+        if self.task is None:
+            raise ValueError("no task selected: the prototype belongs to a task")
         with self.pretrained_network() as net:
-            for batch in itertools.islice(batches, limit):
-                x = batch[0].to(self.device)
-                features = net(x).flatten(1).double()
-                total = features.sum(0) if total is None else total + features.sum(0)
-                count += len(x)
-        if total is None:
-            raise ValueError(f"task {self.task!r}: no training batch to compute its prototype")
-        return (total / count).float().cpu()
+            return feature_mean(net, batches, self.device, self.task, limit)
 
     def on_train_epoch_end(self) -> None:
         metrics = self.method.epoch_metrics(self)
@@ -439,7 +353,7 @@ class PiggybackModule(L.LightningModule):
                 name: {
                     "num_classes": s.num_classes,
                     "class_names": s.class_names,
-                    "stored": _encode_stored(s.stored),
+                    "stored": encode_stored(s.stored),
                     "prototype": s.prototype,
                 }
                 for name, s in self.tasks.items()
@@ -458,7 +372,7 @@ class PiggybackModule(L.LightningModule):
         self.pretrained_bn = saved["pretrained_bn"]
         self.method.load_checkpoint_state(self, saved.get("method_state") or {})
         for name, info in saved["tasks"].items():
-            stored = _decode_stored(info["stored"])
+            stored = decode_stored(info["stored"])
             state = TaskState(info["num_classes"], info["class_names"], stored)
             state.prototype = info.get("prototype")
             self._register_task(name, state)
