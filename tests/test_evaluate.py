@@ -21,17 +21,8 @@ from piggyback.methods import apply_artifact, extract_artifact
 from piggyback.metrics import decathlon_domain_scores, decathlon_score
 from piggyback.multitask import state_bytes
 from piggyback.nn.convert import mask_model
+from piggyback.testing import TINY_RUN
 from piggyback.train import train
-
-TINY = (
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=3",
-    "+trainer.limit_val_batches=1",
-    "+trainer.limit_test_batches=2",
-    "logger=none",
-    "callbacks=none",
-    "print_table=false",
-)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def runs(tmp_path_factory, demo_cache) -> Path:
     for name, overrides in jobs.items():
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            cfg = compose("train", overrides=[*TINY, *overrides])
+            cfg = compose("train", overrides=[*TINY_RUN, *overrides])
         with open_dict(cfg):
             cfg.paths.output_dir = str(root / name)
             cfg.paths.cache_dir = str(demo_cache)

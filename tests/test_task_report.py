@@ -20,18 +20,8 @@ from piggyback.task_report import (
     task_inference_block,
 )
 from piggyback.taskinfer import TaskInferenceError, infer_task, strategy_names
-from piggyback.testing import demo_module
+from piggyback.testing import TINY_RUN, demo_module
 from piggyback.train import train
-
-TINY = (
-    "trainer.max_epochs=1",
-    "+trainer.limit_train_batches=3",
-    "+trainer.limit_val_batches=1",
-    "+trainer.limit_test_batches=2",
-    "logger=none",
-    "callbacks=none",
-    "print_table=false",
-)
 
 
 def test_strategy_list_reads_names_lists_and_all():
@@ -94,7 +84,7 @@ def test_block_numbers_are_what_the_strategies_give(small):
 
 
 def test_a_sequence_adds_task_inference_to_the_cl_block_and_evaluate_reports_it(make_cfg):
-    cfg = make_cfg(*TINY, "data=demo", "~data.tasks.mod3", "task_inference=[prototype,oneshot]")
+    cfg = make_cfg(*TINY_RUN, "data=demo", "~data.tasks.mod3", "task_inference=[prototype,oneshot]")
     train(cfg)
     summary = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
     block = summary["cl"]["task_inference"]

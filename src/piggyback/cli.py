@@ -50,11 +50,15 @@ __all__ = [
 ]
 
 
+def _message(exc: BaseException) -> str:
+    """What the user reads: a file that appeared meanwhile names the CLI option
+    (``overwrite_artifacts=true``), never the Python argument ``overwrite=True``."""
+    return exists_for_cli(exc) if isinstance(exc, FileExistsError) else str(exc)
+
+
 def exit_with_error(exc: BaseException) -> NoReturn:
     """``error: <message>`` on stderr and exit code 2."""
-    if isinstance(exc, FileExistsError):  # name the CLI option, not overwrite=True
-        exc = FileExistsError(exists_for_cli(exc))
-    print(f"error: {exc}", file=sys.stderr)
+    print(f"error: {_message(exc)}", file=sys.stderr)
     raise SystemExit(2) from None
 
 
@@ -76,9 +80,7 @@ def user_error(exc: BaseException, output_dir: str) -> None:
     job = multirun_job()
     if job is None:
         exit_with_error(exc)
-    if isinstance(exc, FileExistsError):  # name the CLI option, not overwrite=True
-        exc = FileExistsError(exists_for_cli(exc))
-    message = f"error: {job} failed, the other jobs go on: {exc}"
+    message = f"error: {job} failed, the other jobs go on: {_message(exc)}"
     print(message, file=sys.stderr, flush=True)
     record_job_failure(output_dir, message)
 

@@ -15,6 +15,17 @@ import torch
 from piggyback.data.base import TaskDataModule
 from piggyback.module import PiggybackModule
 
+TINY_RUN = (
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=3",
+    "+trainer.limit_val_batches=1",
+    "+trainer.limit_test_batches=2",
+    "logger=none",
+    "callbacks=none",
+    "print_table=false",
+)
+"""Hydra overrides for a few-batch, quiet ``train`` run (train/evaluate/report tests)."""
+
 
 def demo_module(
     cache_dir: str | Path,
