@@ -37,7 +37,7 @@ class TableError(Exception):
     """A run folder that cannot make the table; main() prints it as ``error: ...``, exit 2."""
 
 
-def _runs(root: Path) -> list[dict]:
+def load_runs(root: Path) -> list[dict]:
     runs = []
     for path in sorted(root.glob("*/metrics.json")):
         summary = json.loads(path.read_text())
@@ -54,11 +54,24 @@ def _runs(root: Path) -> list[dict]:
                 "val": sum(vals) / len(vals) if vals else float("-inf"),
                 "summary": summary,
                 "options": options,
+                "budget": _budget(path.parent / ".hydra" / "config.yaml"),
             }
         )
     if not runs:
         raise TableError(f"no */metrics.json under {root}: give the sweep's hydra.sweep.dir")
     return runs
+
+
+def _budget(config: Path) -> str | None:
+    """Backbone, image size, epochs (and batch limit) of a run, from its composed config."""
+    if not config.is_file():
+        return None
+    cfg = yaml.safe_load(config.read_text()) or {}
+    trainer, data = cfg.get("trainer") or {}, cfg.get("data") or {}
+    text = f"{(cfg.get('backbone') or {}).get('name')}, {data.get('image_size')} px, "
+    text += f"{trainer.get('max_epochs')} epoch(s) per task"
+    limit = trainer.get("limit_train_batches")
+    return text + (f" of at most {limit} batches" if limit is not None else "")
 
 
 def best_by_val(runs: list[dict]) -> dict[str, dict]:
@@ -72,10 +85,10 @@ def best_by_val(runs: list[dict]) -> dict[str, dict]:
 
 def chosen_runs(root: Path, lr_from: Path | None = None) -> dict[str, dict]:
     """One run per method: best by validation here, or at the scale ``lr_from`` chose."""
-    runs = _runs(root)
+    runs = load_runs(root)
     if lr_from is None:
         return best_by_val(runs)
-    choice = best_by_val(_runs(lr_from))
+    choice = best_by_val(load_runs(lr_from))
     chosen: dict[str, dict] = {}
     for method in dict.fromkeys(r["method"] for r in runs):
         if method not in choice:
@@ -91,7 +104,7 @@ def chosen_runs(root: Path, lr_from: Path | None = None) -> dict[str, dict]:
     return chosen
 
 
-def _final(summary: dict) -> dict[str, float]:
+def final_accuracy(summary: dict) -> dict[str, float]:
     """Test accuracy (fraction) per task after the last task of the run."""
     cl = summary.get("cl") or {}
     if "accuracy_matrix" in cl:
@@ -131,7 +144,7 @@ def table(root: Path, lr_from: Path | None = None) -> str:
     return "\n".join(lines)
 
 
-def _size(n: float | None) -> str:
+def format_bytes(n: float | None) -> str:
     if n is None:
         return "-"
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
@@ -161,17 +174,17 @@ def paper_table(
     """
     order = [reference, *sorted(m for m in best if m != reference)]
     methods = [m for m in order if m in best]
-    tasks = list(dict.fromkeys(t for m in methods for t in _final(best[m]["summary"])))
+    tasks = list(dict.fromkeys(t for m in methods for t in final_accuracy(best[m]["summary"])))
     domains = [t for t in tasks if t not in near]
     nears = [t for t in tasks if t in near]
-    ref = _final(best[reference]["summary"]) if reference in best else None
+    ref = final_accuracy(best[reference]["summary"]) if reference in best else None
     n = len(domains)
     head = ["method", "lr ×", *domains, f"mean ({n})", *nears, "S", "bytes / task"]
     head += [f"bytes ({n})", "train s / task", "BWT"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method in methods:
         summary = best[method]["summary"]
-        acc = _final(summary)
+        acc = final_accuracy(summary)
         accs = [acc.get(t) for t in domains]
         mean = _mean(accs)
         score = None
@@ -185,12 +198,15 @@ def paper_table(
         cells += ["-" if a is None else f"{100 * a:.1f}" for a in accs]
         cells.append("-" if mean is None else f"{100 * mean:.1f}")
         cells += ["-" if acc.get(t) is None else f"{100 * acc[t]:.1f}" for t in nears]
-        cells += ["-" if score is None else f"{score:.0f}", _size(size)]
-        cells += [_size(None if size is None else size * n)]
+        cells += ["-" if score is None else f"{score:.0f}", format_bytes(size)]
+        cells += [format_bytes(None if size is None else size * n)]
         cells += ["-" if seconds is None else f"{seconds:.0f}"]
         cells += ["-" if bwt is None else f"{100 * bwt:+.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + _caption(ref, reference, domains, nears, lr_source)
+    caption = _caption(ref, reference, domains, nears, lr_source)
+    budgets = sorted({best[m]["budget"] for m in methods if best[m]["budget"]})
+    caption += f" Budget: {'; '.join(budgets)}." if budgets else ""
+    return "\n".join(lines) + "\n\n" + caption
 
 
 def _caption(
@@ -218,9 +234,10 @@ def _caption(
             "method without error ties it (250) and any other scores 0"
         )
     return text + (
-        f". Bytes: what a task adds to the shared backbone (its artifact's task_bytes), mean "
-        f"per domain and for all {n}. Train s: wall-clock seconds of fitting a task, mean "
-        "over the domains, runs made serially on one machine. BWT: backward transfer over the "
+        f". Bytes: what a task adds to the backbone (its artifact's task_bytes; a fine-tuned "
+        f"network stores all its weights), mean per domain and for all {n}. Train s: "
+        "wall-clock seconds of fitting a task, mean over the domains (comparable only between "
+        "runs made one after another on one machine). BWT: backward transfer over the "
         f"whole sequence (points). lr ×: `method.lr_scale`, chosen per method on the mean "
         f"validation accuracy of {lr_source}, never on test."
     )
@@ -229,7 +246,7 @@ def _caption(
 def print_lr(best: dict[str, dict]) -> str:
     """One line of train.py overrides per method: its chosen mask and learning-rate scale."""
     lines = []
-    for method, run in sorted(best.items()):
+    for _, run in sorted(best.items()):
         options = run["options"]
         keep = {"method": options.get("method", run["summary"]["method"])}
         keep |= {"mask": options["mask"]} if "mask" in options else {}
@@ -263,7 +280,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             best = chosen_runs(args.root, args.lr_from)
             source = "this sweep"
             if args.lr_from:
-                swept = dict.fromkeys(t for r in _runs(args.lr_from) for t in r["summary"]["tasks"])
+                swept = dict.fromkeys(
+                    t for r in load_runs(args.lr_from) for t in r["summary"]["tasks"]
+                )
                 source = (
                     f"another sweep, `{args.lr_from}` (tasks: {', '.join(swept)}), "
                     "whose choice is reused here"

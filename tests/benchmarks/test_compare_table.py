@@ -154,8 +154,9 @@ def test_lr_choice_missing_here_is_an_error(compare_table, sweep, tmp_path, caps
     with pytest.raises(SystemExit) as info:
         compare_table.main([str(sweep), "--paper", "--lr-from", str(lr_sweep)])
     assert info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err == f"error: {sweep} has no run of finetune at method.lr_scale=10 (chosen in {lr_sweep})"
+    assert capsys.readouterr().err.strip() == (
+        f"error: {sweep} has no run of finetune at method.lr_scale=10 (chosen in {lr_sweep})"
+    )
     with pytest.raises(SystemExit):
         compare_table.main([str(tmp_path / "nothing")])
     assert capsys.readouterr().err.startswith("error: no */metrics.json under")
