@@ -50,7 +50,8 @@ def sweep_commands(
     """The ``train.py -m`` command lines of the sweep: one for the methods x learning rates,
     or with ``lr_from`` one per method at the scale chosen there."""
     command = [sys.executable, str(REPO / "train.py"), "-m", "experiment=domains"]
-    command += QUICK if quick else ()
+    if quick:  # with lr_from, each method's own scale replaces --quick's single one
+        command += [o for o in QUICK if lr_from is None or not o.startswith("method.lr_scale=")]
     tail = [*overrides, f"hydra.sweep.dir={out.resolve()}"]
     if lr_from is None:
         return [command + (["method=" + ",".join(methods)] if methods else []) + tail]

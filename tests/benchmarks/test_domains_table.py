@@ -138,3 +138,27 @@ def test_an_existing_sweep_folder_is_refused(benchmarks, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path} already holds runs; choose a new --out, or add --table-only"
     )
+
+
+def test_lr_from_runs_each_method_once_at_its_chosen_scale(benchmarks, tmp_path):
+    _, domains_table = benchmarks
+    lr_sweep = tmp_path / "lr"
+    for job, (method, lr, val) in enumerate(
+        [("piggyback", "0.3", 0.2), ("piggyback", "3", 0.4), ("finetune", "1", 0.5)]
+    ):
+        folder = lr_sweep / str(job)
+        (folder / ".hydra").mkdir(parents=True)
+        tasks = {"retina": {"task": "retina", "val/acc": val, "test/acc": 0.0}}
+        (folder / "metrics.json").write_text(json.dumps({"method": method, "tasks": tasks}))
+        overrides = f"- method={method}\n- method.lr_scale={lr}\n"
+        (folder / ".hydra" / "overrides.yaml").write_text(overrides)
+    commands = domains_table.sweep_commands(
+        tmp_path / "out", quick=True, methods=None, overrides=["x=1"], lr_from=lr_sweep
+    )
+    tails = [c[c.index("experiment=domains") + 1 :] for c in commands]
+    quick = [o for o in domains_table.QUICK if not o.startswith("method.lr_scale")]
+    sweep_dir = f"hydra.sweep.dir={tmp_path / 'out'}"
+    assert tails == [
+        [*quick, "method=finetune", "method.lr_scale=1", "x=1", sweep_dir],
+        [*quick, "method=piggyback", "method.lr_scale=3", "x=1", sweep_dir],
+    ]
