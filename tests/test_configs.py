@@ -180,3 +180,33 @@ def test_default_config_is_the_offline_demo(make_cfg):
     assert cfg.backbone.name == "small_cnn"
     tasks = task_configs(cfg.data)
     assert [t.task_name for t in tasks] == ["digits_rotated", "digits_inverted", "digits_mod3"]
+
+
+def test_domains_experiment_sweeps_every_method_over_the_seven_tasks():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["experiment=domains", "trainer.max_epochs=12"],
+            return_hydra_config=True,
+        )
+    assert cfg.backbone.name == "efficientnet_lite0" and cfg.task_inference is None
+    tasks = {t.task_name: t.num_classes for t in task_configs(cfg.data)}
+    assert tasks == {
+        "sign_digits": 10,
+        "gtsrb": 43,
+        "pacs_sketch": 7,
+        "flowers17": 17,
+        "magnetic_tiles": 6,
+        "retina": 5,
+        "cifar10_small": 10,
+    }
+    assert list(tasks) == list(cfg.data.tasks)  # learned in this order, cifar10_small last
+    roots = {t.task_name: (t.root, t.name) for t in task_configs(cfg.data)}
+    data_dir = cfg.paths.data_dir
+    assert roots["gtsrb"] == (f"{data_dir}/domains", "gtsrb")
+    assert roots["cifar10_small"] == (f"{data_dir}/cifar10_small", "")
+    assert cfg.method.scheduler.step_size == 12  # the lr never drops within a run
+    params = cfg.hydra.sweeper.params
+    assert sorted(params.method.split(",")) == _options("method")
+    assert len(str(params["method.lr_scale"]).split(",")) > 1

@@ -14,6 +14,7 @@ from piggyback.metrics import (
     decathlon_domain_scores,
     decathlon_score,
     is_decathlon_task,
+    scores_against_reference,
 )
 
 
@@ -64,6 +65,21 @@ def test_fractions_and_subsets():
     subset = {"aircraft": 60.34, "gtsrb": 97.53}
     assert decathlon_score(subset) == pytest.approx(500.0)
     assert decathlon_score({}) == 0.0
+
+
+def test_scores_against_a_reference_run():
+    reference = {"signs": 0.8, "tiles": 0.6, "retina": 1.0}
+    assert scores_against_reference(reference, reference) == {
+        "signs": 250.0,
+        "tiles": 250.0,
+        "retina": 250.0,  # no error: a tie with a perfect reference, scored like any tie
+    }
+    scores = scores_against_reference({"signs": 1.0, "tiles": 0.0, "retina": 0.99}, reference)
+    assert scores == {"signs": 1000.0, "tiles": 0.0, "retina": 0.0}
+    # signs: reference error 0.2, Emax 0.4; error 0.1 scores 1000 * (0.3 / 0.4)^2
+    assert scores_against_reference({"signs": 0.9}, reference)["signs"] == pytest.approx(562.5)
+    with pytest.raises(ValueError, match="no reference accuracy for gtsrb"):
+        scores_against_reference({"gtsrb": 0.5}, reference)
 
 
 def test_aliases():

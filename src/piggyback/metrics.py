@@ -24,6 +24,7 @@ __all__ = [
     "decathlon_domain_scores",
     "decathlon_score",
     "is_decathlon_task",
+    "scores_against_reference",
 ]
 
 # devkit name -> number of classes, in the devkit's (alphabetical) order
@@ -229,9 +230,39 @@ def decathlon_domain_scores(
                 + ("; pass percent=False for fractions" if percent else "")
             )
         err = 1.0 - acc / scale
-        e_max = 2.0 * (1.0 - DECATHLON_BASELINE_ACC[domain] / 100.0)
-        out[domain] = 1000.0 * (max(0.0, e_max - err) / e_max) ** 2
+        out[domain] = _domain_score(err, 1.0 - DECATHLON_BASELINE_ACC[domain] / 100.0)
     return out
+
+
+def _domain_score(err: float, reference_err: float) -> float:
+    """``1000 * (max(0, Emax - E) / Emax)^2`` with ``Emax = 2 x reference_err``.
+
+    A reference that makes no error leaves ``Emax = 0``: the formula's limit gives nothing to
+    any error and a perfect domain is a tie with the reference, scored 250 like every tie.
+    """
+    e_max = 2.0 * reference_err
+    if e_max <= 0.0:
+        return 250.0 if err <= 0.0 else 0.0
+    return 1000.0 * (max(0.0, e_max - err) / e_max) ** 2
+
+
+def scores_against_reference(
+    acc_by_task: Mapping[str, float], reference_acc: Mapping[str, float]
+) -> dict[str, float]:
+    """Decathlon-style per-task scores with another run as the baseline (Rebuffi et al. 2017).
+
+    Accuracies are fractions (as in ``metrics.json``); ``Emax_t = 2 x`` the reference's error
+    on task ``t``, so the reference itself scores exactly 250 per task, 1000 is a perfect task
+    and 0 is twice the reference's error or worse. A reference with no error on a task gives
+    250 to a method that is perfect there too and 0 to any other (see ``_domain_score``).
+    """
+    missing = [t for t in acc_by_task if t not in reference_acc]
+    if missing:
+        raise ValueError(f"no reference accuracy for {', '.join(missing)}")
+    return {
+        task: _domain_score(1.0 - float(acc), 1.0 - float(reference_acc[task]))
+        for task, acc in acc_by_task.items()
+    }
 
 
 def decathlon_score(acc_by_domain: Mapping[str, float], *, percent: bool = True) -> float:
