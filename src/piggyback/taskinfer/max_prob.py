@@ -13,7 +13,9 @@ class MaxProb(Strategy):
     The classic out-of-distribution score (Hendrycks & Gimpel, 2017). Not normalised by
     the number of classes: a 2-class head is never below 0.5, a 43-class head can be near
     1/43, so with very different class counts it leans towards small heads; ``entropy``
-    normalises, prefer it then.
+    normalises, prefer it then. Like ``entropy`` it needs task networks that differ: heads
+    over (nearly) the same pretrained features are surest on the pretraining domain's
+    inputs whatever task those belong to (see ``Entropy``).
     """
 
     name = "max_prob"
