@@ -66,3 +66,19 @@ def logits_on_test_split(module: PiggybackModule, datamodule: TaskDataModule) ->
     module.eval()
     datamodule.setup("test")
     return torch.cat([module(x) for x, _ in datamodule.test_dataloader()])
+
+
+def markdown_rows(text: str) -> dict[str, list[str]]:
+    """A printed markdown table as ``{first cell: the other cells}`` (header row included)."""
+    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {row[0]: row[1:] for row in cells}
+
+
+def paper_table_header(domains: list[str], near: str = "cifar10_small") -> list[str]:
+    """The header cells after "method" of ``compare_table.py --paper`` for these domains."""
+    n = len(domains)
+    return ["lr ×", *domains, f"mean ({n})", near, "S", "bytes / task", f"bytes ({n})"] + [
+        "train s / task",
+        "BWT",
+    ]

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from piggyback.cl import cl_summary
+from piggyback.testing import markdown_rows, paper_table_header
 
 TASKS = ("signs", "tiles", "cifar10_small")
 
@@ -78,28 +79,11 @@ def sweep(tmp_path) -> Path:
     return root
 
 
-def rows(text: str) -> dict[str, list[str]]:
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
-    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
-    return {row[0]: row[1:] for row in cells}
-
-
 def test_paper_table_scores_against_finetune(compare_table, sweep, capsys):
     compare_table.main([str(sweep), "--paper"])
     out = capsys.readouterr().out
-    table = rows(out)
-    assert table["method"] == [
-        "lr ×",
-        "signs",
-        "tiles",
-        "mean (2)",
-        "cifar10_small",
-        "S",
-        "bytes / task",
-        "bytes (2)",
-        "train s / task",
-        "BWT",
-    ]
+    table = markdown_rows(out)
+    assert table["method"] == paper_table_header(["signs", "tiles"])
     assert list(table)[1:] == ["finetune", "finetune_sequential", "piggyback"]
     # finetune at lr 1 (best val), the reference: 250 per domain by construction
     assert table["finetune"] == [
@@ -122,7 +106,7 @@ def test_a_perfect_reference_domain_is_explained(compare_table, tmp_path, capsys
     write_run(root / "2", "packnet", "1", (0.99, 0.5, 0.9), val=0.7)
     compare_table.main([str(root), "--paper"])
     out = capsys.readouterr().out
-    table = rows(out)
+    table = markdown_rows(out)
     assert [table[m][5] for m in ("finetune", "piggyback", "packnet")] == ["500", "500", "250"]
     assert "the reference makes no error on signs" in out
 
@@ -135,7 +119,7 @@ def test_lr_chosen_in_another_sweep(compare_table, sweep, tmp_path, capsys):
     write_run(lr_sweep / "3", "finetune_sequential", "1", (0.5, 0.5, 0.5), val=0.9)
     compare_table.main([str(sweep), "--paper", "--lr-from", str(lr_sweep)])
     out = capsys.readouterr().out
-    table = rows(out)
+    table = markdown_rows(out)
     assert [table[m][0] for m in ("finetune", "piggyback")] == ["3", "3"]
     assert table["finetune"][5] == "500"  # the reference is the chosen finetune run
     assert f"another sweep, `{lr_sweep}` (tasks: signs, tiles, cifar10_small)" in out
