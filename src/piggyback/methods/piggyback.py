@@ -97,8 +97,8 @@ class Piggyback(Method):
         masks["lr"] = self.lr["masks"]
         scales = {"name": "scales", "params": list(scale_parameters(module.backbone))}
         # Soft (KSM) scales are real multipliers, not thresholded: they follow lr_scale.
-        unscaled_masks = self.lr["masks"] / (self.lr_scale if self.scale_mask_lr else 1.0)
-        scales["lr"] = self.lr.get("scales", unscaled_masks * self.lr_scale)
+        follow = 1.0 if self.scale_mask_lr else self.lr_scale  # masks' lr: scaled already?
+        scales["lr"] = self.lr.get("scales", self.lr["masks"] * follow)
         return [masks, scales, *super().backbone_groups(module)]
 
     # ------------------------------------------------------------------ tasks
