@@ -26,19 +26,24 @@ from piggyback.testing import demo_module, quick_trainer
 VARIANTS = ("rotated", "inverted", "mod3")
 STRATEGIES = ("entropy", "max_prob", "oneshot", "prototype")
 # The paper's learning rates: at 10x them the masks of this tiny fixture collapse (issue 20)
-# and every head is near uniform, which no output-based rule can read.
+# and every head is near uniform.
 FAST = {"name": "piggyback", "lr": {"masks": 1e-4, "head": 1e-3}}
-# Measured 2026-12-02 on this fixture (4 epochs per task; task-aware accuracy 74 / 67 / 94 %):
-# per batch prototype 45/45, entropy 24/45, oneshot 19/45, max_prob 15/45 (chance 15). The
-# rotated and inverted digits heads are about as unsure on each other's inputs as on their
-# own, so the output-based rules cannot be near-perfect here; they are tested against the rule
-# computed by hand instead, and only ``prototype`` is held to an accuracy.
+# Measured 2026-12-02 on this fixture trained 4 epochs per task (task-aware accuracy 74 / 67 /
+# 94 %): per batch prototype 45/45, entropy 24/45, oneshot 19/45, max_prob 15/45 (chance
+# 15); with task BN and 10x faster masks (88 / 92 / 70 %) entropy, max_prob and oneshot got
+# 0/45: heads over nearly the same features are as sure (or surer) on each other's inputs.
+# So here the output-based rules are tested against the rule computed by hand, and only
+# ``prototype``, which reads the pretrained features alone, is held to an accuracy; every
+# strategy's accuracy is tested on the constructed sequence of ``test_constructed.py``.
+# Neither needs a well-trained task, so the tasks train briefly.
 ACCURATE = ["prototype"]
+BATCHES_PER_TASK = 3  # of 32 test inputs each, for the rules recomputed by hand
 
 
 @pytest.fixture(scope="module")
 def trained(demo_cache, tmp_path_factory):
-    """The three demo tasks, trained briefly one after another on the demo backbone."""
+    """The three demo tasks, trained briefly (4 batches each) one after another on the demo
+    backbone."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("fit")
     module, data = None, {}
@@ -49,7 +54,7 @@ def trained(demo_cache, tmp_path_factory):
             module = demo_module(demo_cache, FAST, task=dm.task_name, num_classes=dm.num_classes)
         else:
             module.add_task(dm.task_name, dm.num_classes)
-        quick_trainer(root, epochs=4, limit_train_batches=1.0).fit(module, datamodule=dm)
+        quick_trainer(root, epochs=1, limit_train_batches=4).fit(module, datamodule=dm)
     artifacts = {task: module.export_task(task) for task in data}
     return artifacts, data
 
@@ -109,7 +114,7 @@ def test_output_rules_pick_the_task_the_rule_names(model, test_inputs, strategy)
     """Per batch, ``entropy`` / ``max_prob`` equal the rule computed by hand from each task's
     logits: the lowest mean class-count-normalised entropy / the highest mean max softmax."""
     for x in test_inputs.values():
-        for start in range(0, len(x), 32):
+        for start in range(0, 32 * BATCHES_PER_TASK, 32):
             batch = x[start : start + 32]
             scores = {}
             for task in test_inputs:
