@@ -145,6 +145,13 @@ class Trainee:
         optimizer = dict(cfg["optimizer"])
         if fused:
             optimizer["fused"] = True
+        if method == "piggyback" and getattr(args, "step_in_backward", False):
+            # opt-in: each mask stepped (and its gradient freed) during backward
+            optimizer = {
+                "_target_": "piggyback.optim.StepInBackward",
+                "_partial_": True,
+                "optimizer": optimizer,
+            }
         torch.manual_seed(0)
         self.module = PiggybackModule(
             backbone={"name": args.arch, "weights": None},
@@ -523,8 +530,8 @@ def compile_child(args: argparse.Namespace) -> None:
     from piggyback.nn import threshold
 
     if args.compile_mask == "function":  # what the compiler would see without the STE ops
-        threshold.traceable_masked_weight = (
-            lambda w, m, t, k, r: threshold._MaskedWeight.apply(w, m, t, k, r, False)
+        threshold.traceable_masked_weight = lambda w, m, t, k, r: threshold._MaskedWeight.apply(
+            w, m, t, k, r, False
         )
     x, y = batch(args)
     trainees, compile_s, losses = {}, {}, {}
@@ -722,6 +729,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ste",
         help="what torch.compile traces for W*M: the plain-op straight-through form "
         "(default, what the package does) or the eager autograd Function (for comparison)",
+    )
+    p.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="piggyback's optimizer wrapped in piggyback.optim.StepInBackward",
     )
     p.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)

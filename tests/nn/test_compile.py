@@ -5,8 +5,8 @@ tensor ops, fusable) instead of the autograd Function used in eager mode. First 
 formulations are compared bit for bit in eager mode, for every quantiser and gradient
 rescaling; then compiled networks are compared with eager ones (outputs and mask gradients,
 within float tolerance: Inductor reorders reductions). Compiling on CPU takes tens of
-seconds per network, so the default suite compiles two tiny networks; a torchvision one is
-``slow``.
+seconds per network, so the default suite compiles the small CNN once; the ternarizer, a
+two-block timm ViT and a torchvision ResNet-18 are ``slow``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ MODELS = {
     "timm_vit_tiny_depth2": (_tiny_vit, 32),
     "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 32),
 }
-SLOW = {"tv_resnet18"}
 
 
 def _grads(model, x, y):
@@ -72,12 +71,15 @@ def _grads(model, x, y):
 
 
 @pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS]
+    ("name", "threshold_fn"),
+    [
+        ("small_cnn", "binarizer"),
+        pytest.param("small_cnn", "ternarizer", marks=pytest.mark.slow),
+        pytest.param("timm_vit_tiny_depth2", "binarizer", marks=pytest.mark.slow),
+        pytest.param("tv_resnet18", "binarizer", marks=pytest.mark.slow),
+    ],
 )
-@pytest.mark.parametrize("threshold_fn", ["binarizer", "ternarizer"])
 def test_compiled_outputs_and_mask_gradients_equal_eager(name, threshold_fn):
-    if threshold_fn == "ternarizer" and name != "small_cnn":
-        pytest.skip("one network is enough for the second quantiser")
     build, size = MODELS[name]
     torch.manual_seed(0)
     eager = mask_model(build(), mask_init="uniform", mask_scale=0.01, threshold_fn=threshold_fn)
