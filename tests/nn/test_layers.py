@@ -215,12 +215,10 @@ def test_effective_weight_is_rebuilt_in_backward_bit_identically(monkeypatch):
     assert torch.equal(out, out_ref)
     assert len(grads) == len(grads_ref) == 3
     assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True))
-    # freed after the forward pass with the hooks (only the first conv's, whose input needs
-    # no gradient, is never unpacked); kept alive by autograd without them
+    # with the hooks every W * M is freed after the forward pass; without them autograd
+    # keeps (at least) the two convs' alive until backward
     assert lean.count(None) == len(lean) == 3
-    assert [ref() is not None for ref in kept_alive] == [False, True, True] or all(
-        ref() is None for ref in kept_alive
-    )
+    assert sum(ref() is not None for ref in kept_alive) >= 2
 
 
 def test_mask_changed_between_forward_and_backward_is_an_error():
