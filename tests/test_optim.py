@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from piggyback.data.digits import DigitsDataModule
 from piggyback.nets.small_cnn import small_cnn
-from piggyback.nn import mask_model, mask_parameters
+from piggyback.nn import mask_model, mask_parameters, masked_weights
 from piggyback.optim import StepInBackward
+from piggyback.testing import demo_module, quick_trainer
 
 
 def _model():
@@ -93,3 +95,33 @@ def test_scheduler_learning_rate_reaches_the_inner_step():
     before = [p.detach().clone() for p in net.parameters()]
     _train(net, optimizer, steps=1)
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
+STEP_IN_BACKWARD = {
+    "_target_": "piggyback.optim.StepInBackward",
+    "_partial_": True,
+    "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True},
+}
+
+
+def test_lightning_fit_with_the_config_override_learns_the_same_masks(demo_cache, tmp_path):
+    """Through the module and Lightning's loop, as ``method.optimizer`` in a config."""
+    method = {"name": "piggyback", "lr": {"masks": 1e-3, "head": 1e-2}}
+    learned = []
+    for optimizer in (None, STEP_IN_BACKWARD):
+        torch.manual_seed(0)
+        module = demo_module(
+            demo_cache, {**method, **({"optimizer": optimizer} if optimizer else {})}
+        )
+        quick_trainer(tmp_path, epochs=1, limit_train_batches=3).fit(
+            module, datamodule=DigitsDataModule("rotated", batch_size=16)
+        )
+        learned.append(
+            {n: m.mask_real.detach().clone() for n, m in masked_weights(module.backbone)}
+        )
+        learned[-1]["head"] = module.head.weight.detach().clone()
+    assert learned[0].keys() == learned[1].keys()
+    moved = sum(not torch.equal(v, torch.full_like(v, v.flatten()[0])) for v in learned[0].values())
+    assert moved > 0
+    for name in learned[0]:
+        assert torch.equal(learned[0][name], learned[1][name]), name

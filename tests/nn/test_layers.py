@@ -1,6 +1,3 @@
-import weakref
-from contextlib import nullcontext
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,53 +175,3 @@ def test_dtype_and_double_precision_exactness():
     assert layer_m.mask_real.dtype == torch.float64
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
     assert torch.equal(layer(x), ref(x))
-
-
-def _grads_of_masked_resnet_block(monkeypatch=None):
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.LazyLinear(4)
-    )
-    net(torch.zeros(1, 3, 8, 8))
-    mask_model(net, mask_init="uniform", mask_scale=0.01)
-    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    out = net(x)
-    out.square().sum().backward()
-    return out.detach(), [p.grad for p in net.parameters() if p.grad is not None]
-
-
-def test_effective_weight_is_rebuilt_in_backward_bit_identically(monkeypatch):
-    """Conv/linear do not keep W * M for backward (it is recomputed): same numbers."""
-    import piggyback.nn.layers as layers
-
-    kept_alive = []
-    real = layers.WeightMask.effective_weight
-
-    def tracked(self, **kw):
-        out = real(self, **kw)
-        if torch.is_grad_enabled():
-            kept_alive.append(weakref.ref(out))
-        return out
-
-    monkeypatch.setattr(layers.WeightMask, "effective_weight", tracked)
-    out, grads = _grads_of_masked_resnet_block()
-    lean = [ref() for ref in kept_alive]
-    kept_alive.clear()
-    monkeypatch.setattr(layers, "_weight_rebuilt_in_backward", lambda w, m: nullcontext())
-    out_ref, grads_ref = _grads_of_masked_resnet_block()
-    assert torch.equal(out, out_ref)
-    assert len(grads) == len(grads_ref) == 3
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref, strict=True))
-    # with the hooks every W * M is freed after the forward pass; without them autograd
-    # keeps (at least) the two convs' alive until backward
-    assert lean.count(None) == len(lean) == 3
-    assert sum(ref() is not None for ref in kept_alive) >= 2
-
-
-def test_mask_changed_between_forward_and_backward_is_an_error():
-    conv, mask = masked(_conv())
-    out = conv(torch.randn(1, 4, 5, 5))
-    with torch.no_grad():
-        mask.mask_real.add_(1.0)
-    with pytest.raises(RuntimeError, match="modified between the forward and the backward"):
-        out.sum().backward()

@@ -21,8 +21,6 @@ the keys; otherwise it is the same reparametrization.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -262,18 +260,6 @@ class WeightMask(nn.Module):
             owns_grad=owns_grad,
         )
 
-    def _rebuild_state(self) -> tuple:
-        """Everything :meth:`effective_weight` reads, by value or version counter."""
-        scale = self.soft_scale
-        return (
-            id(self.mask_real),
-            self.mask_real._version,
-            self.weight._version,
-            None if scale is None else (id(scale), scale._version),
-            self.threshold,
-            self.threshold_fn,
-        )
-
     def extra_repr(self) -> str:
         soft = f", soft (T={self.temperature:g})" if self.soft else ""
         return (
@@ -303,60 +289,14 @@ class MaskedModuleMixin:
         )
 
 
-class _RebuildEffectiveWeight:
-    """What autograd keeps instead of ``W * M``: the mask that rebuilds it, and the versions
-    of the tensors it is rebuilt from (an in-place change before backward is an error, as it
-    is for any tensor autograd saves)."""
-
-    def __init__(self, mask: WeightMask) -> None:
-        self.mask = mask
-        self.state = mask._rebuild_state()
-
-    def __call__(self) -> torch.Tensor:
-        if self.mask._rebuild_state() != self.state:
-            raise RuntimeError(
-                "a mask (or its weight, threshold or scale) was modified between the forward "
-                "and the backward pass; backward needs the W * M of the forward"
-            )
-        with torch.no_grad():
-            return self.mask.effective_weight()
-
-
-def _weight_rebuilt_in_backward(weight: torch.Tensor, mask: WeightMask):
-    """Saved-tensor hooks that keep the effective weight ``W * M`` out of autograd's graph.
-
-    Conv and linear save their weight input to compute the input gradient; for a masked
-    layer that is ``W * M``, a weight-sized tensor per layer held from the forward to the
-    backward pass, i.e. one extra copy of every masked weight at the training peak. Instead
-    autograd keeps a recipe and the backward pass recomputes ``W * M`` (one elementwise
-    pass, bit-identical). Off where it would not pay or not apply: no gradient, tracing by
-    ``torch.compile`` (its partitioner chooses what to save), and a tensor other than
-    ``weight`` itself (autocast saves its low-precision copy, which is left as it is).
-    """
-    if not (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-
-    def pack(saved: torch.Tensor):
-        return _RebuildEffectiveWeight(mask) if saved is weight else saved
-
-    def unpack(packed):
-        return packed() if isinstance(packed, _RebuildEffectiveWeight) else packed
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
 def _conv_forward(self, x: torch.Tensor) -> torch.Tensor:
-    mask = self._modules[MASKS_ATTR]["weight"]
-    weight = mask.effective_weight(owns_grad=True)
-    with _weight_rebuilt_in_backward(weight, mask):
-        return self._conv_forward(x, weight, self.bias)
+    weight = self._modules[MASKS_ATTR]["weight"].effective_weight(owns_grad=True)
+    return self._conv_forward(x, weight, self.bias)
 
 
 def _linear_forward(self, x: torch.Tensor) -> torch.Tensor:
-    mask = self._modules[MASKS_ATTR]["weight"]
-    weight = mask.effective_weight(owns_grad=True)
-    with _weight_rebuilt_in_backward(weight, mask):
-        return F.linear(x, weight, self.bias)
+    weight = self._modules[MASKS_ATTR]["weight"].effective_weight(owns_grad=True)
+    return F.linear(x, weight, self.bias)
 
 
 _OWN_GRAD_FORWARDS = {
