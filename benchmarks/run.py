@@ -136,13 +136,22 @@ def set_realistic_masks(backbone: nn.Module, zeros: float, seed: int) -> float:
 class Trainee:
     """A PiggybackModule with its configured optimizer, plus a timed training step."""
 
-    def __init__(self, method: str, args: argparse.Namespace, *, fused: bool = False) -> None:
+    def __init__(
+        self, method: str, args: argparse.Namespace, *, fused: bool = False, compiled: bool = False
+    ) -> None:
         from piggyback.module import PiggybackModule
 
         cfg = method_config(method)
         optimizer = dict(cfg["optimizer"])
         if fused:
             optimizer["fused"] = True
+        if method == "piggyback" and getattr(args, "step_in_backward", False):
+            # opt-in: each mask stepped (and its gradient freed) during backward
+            optimizer = {
+                "_target_": "piggyback.optim.StepInBackward",
+                "_partial_": True,
+                "optimizer": optimizer,
+            }
         torch.manual_seed(0)
         self.module = PiggybackModule(
             backbone={"name": args.arch, "weights": None},
@@ -158,6 +167,12 @@ class Trainee:
         ).to(args.device)
         self.module.setup("fit")  # channels_last conversion, as Lightning would do it
         self.module.train()
+        if compiled:
+            # The Lightning way (what model.compile=true does before trainer.fit):
+            # torch.compile, then Lightning's from_compiled keeps the LightningModule.
+            from lightning.pytorch.utilities.compile import from_compiled
+
+            self.module = from_compiled(torch.compile(self.module))
         self.optimizer = self.module.configure_optimizers()
         self.device = args.device
         self.autocast = (
@@ -505,6 +520,82 @@ def bench_memory(args: argparse.Namespace) -> None:
     )
 
 
+# ------------------------------------------------------------------------- torch.compile
+COMPILED = ("piggyback", "finetune")
+
+
+def compile_child(args: argparse.Namespace) -> None:
+    """Eager and compiled training steps of both methods, in one fresh process whose
+    Inductor cache is empty (set by :func:`bench_compile`), so compile times are real."""
+    from piggyback.nn import threshold
+
+    if args.compile_mask == "function":  # what the compiler would see without the STE ops
+        threshold.traceable_masked_weight = lambda w, m, t, k, r: threshold._MaskedWeight.apply(
+            w, m, t, k, r, False
+        )
+    x, y = batch(args)
+    trainees, compile_s, losses = {}, {}, {}
+    for method in COMPILED:
+        trainees[method] = Trainee(method, args)
+        trainees[f"compiled {method}"] = Trainee(method, args, compiled=True)
+        losses[method] = float(trainees[method].forward(x, y))
+        start = time.perf_counter()
+        losses[f"compiled {method}"] = float(trainees[f"compiled {method}"].step(x, y))
+        compile_s[method] = time.perf_counter() - start  # the first call compiles fwd + bwd
+    fns = {k: (lambda t=t: t.step(x, y)) for k, t in trainees.items()}
+    times = interleaved(fns, args.rounds, args.warmup, args.device)
+    print(json.dumps({"times": times, "compile_s": compile_s, "losses": losses}))
+
+
+def bench_compile(args: argparse.Namespace) -> None:
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache  # no graph from an earlier run is reused
+        cmd = [sys.executable, __file__, "--compile-child", *args.child_argv]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+    if out.returncode != 0:
+        note(f"compile child failed: {out.stderr.strip()[-1500:]}")
+        return
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    times, compile_s, losses = result["times"], result["compile_s"], result["losses"]
+    shape = f"{args.arch}, batch {args.batch} at {args.size} px, {args.precision}"
+    equal = all(
+        abs(losses[f"compiled {m}"] - losses[m]) <= 1e-4 * max(1.0, abs(losses[m]))
+        for m in COMPILED
+    )
+    emit(
+        "compiled_piggyback_step / compiled_finetune_step",
+        ratio(times, "compiled piggyback", "compiled finetune"),
+        "target <= 1.05",
+        f"{med_ms(times, 'compiled piggyback'):.1f} ms vs "
+        f"{med_ms(times, 'compiled finetune'):.1f} ms; {shape}; torch.compile of the "
+        f"LightningModule (model.compile=true), optimizer eager; first-step losses equal to "
+        f"eager: {equal}; mask op: {args.compile_mask}",
+    )
+    ft_compile = compile_s["finetune"] - statistics.median(times["compiled finetune"])
+    pb_compile = compile_s["piggyback"] - statistics.median(times["compiled piggyback"])
+    emit(
+        "piggyback_compile_time / finetune_compile_time",
+        pb_compile / ft_compile,
+        "target <= 1.50",
+        f"{pb_compile:.1f} s vs {ft_compile:.1f} s: first compiled step less a compiled step, "
+        "empty Inductor cache",
+    )
+    for method in COMPILED:
+        emit(
+            f"compiled_{method}_step / {method}_step",
+            ratio(times, f"compiled {method}", method),
+            "info: what compiling buys on this device",
+            f"{med_ms(times, f'compiled {method}'):.1f} ms vs {med_ms(times, method):.1f} ms",
+        )
+    emit(
+        "piggyback_step / finetune_step (eager, same run)",
+        ratio(times, "piggyback", "finetune"),
+        "info: the eager ratio measured alongside",
+        f"{med_ms(times, 'piggyback'):.1f} ms vs {med_ms(times, 'finetune'):.1f} ms",
+    )
+
+
 # ------------------------------------------------------------------------------ loader
 def bench_loader(args: argparse.Namespace) -> None:
     from loader_throughput import write_dataset
@@ -628,16 +719,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="+",
-        choices=("train", "inference", "switch", "memory", "loader", "faults"),
+        choices=("train", "compile", "inference", "switch", "memory", "loader", "faults"),
         help="run only these sections",
     )
     p.add_argument("--ckpt-dir", help="where the faults section writes checkpoints (a temp dir)")
+    p.add_argument(
+        "--compile-mask",
+        choices=("ste", "function"),
+        default="ste",
+        help="what torch.compile traces for W*M: the plain-op straight-through form "
+        "(default, what the package does) or the eager autograd Function (for comparison)",
+    )
+    p.add_argument(
+        "--step-in-backward",
+        action="store_true",
+        help="piggyback's optimizer wrapped in piggyback.optim.StepInBackward",
+    )
     p.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     child_argv = [a for a in (argv if argv is not None else sys.argv[1:])]
     if "--memory-child" in child_argv:
         i = child_argv.index("--memory-child")
         del child_argv[i : i + 2]
+    if "--compile-child" in child_argv:
+        child_argv.remove("--compile-child")
     args.child_argv = child_argv
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -682,6 +788,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.memory_child:
         memory_child(args)
         return
+    if args.compile_child:
+        compile_child(args)
+        return
     device = torch.cuda.get_device_name() if args.device.type == "cuda" else "cpu"
     note(
         f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} intra-op "
@@ -691,6 +800,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     sections = {
         "train": bench_training,
+        "compile": bench_compile,
         "inference": bench_inference,
         "switch": bench_switch_and_artifacts,
         "memory": bench_memory,

@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "piggyback.metrics",
             "piggyback.cl",
             "piggyback.console",
+            "piggyback.optim",
         ),
     ),
     # DataModules and plain architectures: know no model, mask or method

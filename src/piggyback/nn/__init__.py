@@ -41,6 +41,7 @@ from piggyback.nn.threshold import (
     quantize,
     softmax_binarizer,
     ternarizer,
+    traceable_masked_weight,
     unit_masked_weight,
 )
 
@@ -79,6 +80,7 @@ __all__ = [
     "softmax_binarizer",
     "superposed",
     "ternarizer",
+    "traceable_masked_weight",
     "unit_masked_weight",
     "unit_shape",
     "unmask_model",

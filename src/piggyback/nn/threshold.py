@@ -81,15 +81,19 @@ def _rescale(
     well defined where W == 0 (the plain gradient is 0 there). ``inplace`` writes the result
     into ``grad`` (the caller has checked that nobody else can see that buffer).
     """
-    if rescale == "none":
-        factor = weight
-    elif rescale == "average":
-        factor = weight / weight.abs().mean().clamp_min(torch.finfo(weight.dtype).tiny)
-    elif rescale == "individual":
-        factor = weight.sign()
-    else:
-        raise ValueError(f"unknown grad_rescale {rescale!r}; choose one of {GRAD_RESCALES}")
+    factor = _rescale_factor(weight, rescale)
     return grad.mul_(factor) if inplace else grad * factor
+
+
+def _rescale_factor(weight: torch.Tensor, rescale: str) -> torch.Tensor:
+    """What ``dL/dW_eff`` is multiplied by to give the mask gradient (see :func:`_rescale`)."""
+    if rescale == "none":
+        return weight
+    if rescale == "average":
+        return weight / weight.abs().mean().clamp_min(torch.finfo(weight.dtype).tiny)
+    if rescale == "individual":
+        return weight.sign()
+    raise ValueError(f"unknown grad_rescale {rescale!r}; choose one of {GRAD_RESCALES}")
 
 
 def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
@@ -145,6 +149,33 @@ class _MaskedWeight(torch.autograd.Function):
         return grad_weight, grad_mask, None, None, None, None
 
 
+def traceable_masked_weight(
+    weight: torch.Tensor,
+    mask_real: torch.Tensor,
+    threshold: float = DEFAULT_THRESHOLD,
+    threshold_fn: str = "binarizer",
+    grad_rescale: str = "none",
+) -> torch.Tensor:
+    """``W * Q(mask_real)`` with the straight-through gradient, written in plain tensor ops.
+
+    What ``torch.compile`` traces instead of :class:`_MaskedWeight`: Inductor fuses the
+    threshold, the product and the backward's ``dL/dW_eff * W`` into their neighbours, and its
+    partitioner decides what to keep for backward. ``ste = mask_real - mask_real.detach()`` is
+    exactly 0 in value (finite masks) and the identity in gradient, so the forward value is
+    exactly ``W * Q`` and ``dL/dmask_real = dL/dW_eff * W`` (one multiply, as the Function
+    does), or ``dL/dW_eff * factor`` under a ``grad_rescale``; ``W`` (PackNet) gets
+    ``dL/dW_eff * Q``. Same values and gradients as the Function, bit for bit in eager mode
+    (``tests/nn/test_compile.py``), except that a NaN/inf ``mask_real`` gives NaN instead of
+    0. Eager training keeps the Function, which allocates less (see its docstring).
+    """
+    hard = quantize(mask_real.detach(), threshold, threshold_fn).to(weight.dtype)
+    ste = mask_real - mask_real.detach()
+    if grad_rescale == "none":
+        return weight * (hard + ste)
+    factor = _rescale_factor(weight.detach(), grad_rescale)
+    return weight * hard + ste * factor
+
+
 def masked_weight(
     weight: torch.Tensor,
     mask_real: torch.Tensor,
@@ -159,7 +190,11 @@ def masked_weight(
     ``owns_grad=True`` promises that the result feeds exactly one op whose backward returns
     a fresh gradient buffer (conv, linear), so the mask gradient may reuse that buffer. The
     masked layers pass it from ``forward``; leave it off when the result goes anywhere else.
+    Under ``torch.compile`` the same computation is traced as plain tensor ops
+    (:func:`traceable_masked_weight`), which the compiler can fuse.
     """
+    if torch.compiler.is_compiling():
+        return traceable_masked_weight(weight, mask_real, threshold, threshold_fn, grad_rescale)
     return _MaskedWeight.apply(weight, mask_real, threshold, threshold_fn, grad_rescale, owns_grad)
 
 

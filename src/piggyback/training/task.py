@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.compile import from_compiled
 from omegaconf import DictConfig
 
 from piggyback.data.base import TaskDataModule
@@ -28,8 +29,14 @@ __all__ = ["build_module", "export_artifact", "prepare_task", "scalar_metrics", 
 
 
 def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> PiggybackModule:
-    """A new module for the task of ``datamodule``, configured by the run's config."""
-    return PiggybackModule(
+    """A new module for the task of ``datamodule``, configured by the run's config.
+
+    ``model.compile=true`` compiles it the Lightning way, ``torch.compile`` and then
+    Lightning's ``from_compiled`` (what ``trainer.fit`` does with a compiled module), so that
+    the rest of the run, and every later task of a sequence, keeps the LightningModule; the
+    masks are traced as plain tensor ops (``piggyback.nn.traceable_masked_weight``).
+    """
+    module = PiggybackModule(
         backbone=to_dict(cfg.backbone),
         task=datamodule.task_name,
         num_classes=datamodule.num_classes,
@@ -38,6 +45,9 @@ def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> PiggybackModule
         channels_last=cfg.model.get("channels_last", False),
         log_layer_sparsity=cfg.model.get("log_layer_sparsity", True),
     )
+    if cfg.model.get("compile", False):
+        module = from_compiled(torch.compile(module))
+    return module
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
