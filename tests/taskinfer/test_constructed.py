@@ -2,14 +2,14 @@
 
 The "pretrained" backbone is one linear layer (about the identity) and a ReLU over inputs of
 three blocks of four features. Task ``t``'s inputs live in block ``t`` (a one-hot class code
-plus noise, zero elsewhere), its mask keeps block ``t``'s rows of the layer and switches the rest off, and
-its head reads block ``t`` only. So each task's network sees nothing of the other tasks'
-inputs (its head gives the uniform distribution there) and is sure of its own; the
-pretrained features of the three tasks' inputs are far apart; and in the superposition only
-the right task's coefficient changes the features. Every strategy must then find every task,
-per batch and per input, through the real pipeline: ``PiggybackModule`` → artifact file →
-``MultiTaskModel``. (The trained digits sequence of ``test_strategies.py`` is the case where
-the output-based rules fail, as the docstrings of ``piggyback.taskinfer`` say.)
+plus noise, zero elsewhere), its mask keeps block ``t``'s rows of the layer and switches the
+rest off, and its head reads block ``t`` only. So each task's network sees nothing of the
+other tasks' inputs (its head gives the uniform distribution there) and is sure of its own;
+the pretrained features of the three tasks' inputs are far apart; and in the superposition
+only the right task's coefficient changes the features. Every strategy must then find every
+task, per batch and per input, through the real pipeline: ``PiggybackModule`` → artifact
+file → ``MultiTaskModel``. (The trained digits sequence of ``test_strategies.py`` is the
+case where the output-based rules fail, as the docstrings of ``piggyback.taskinfer`` say.)
 """
 
 from __future__ import annotations
