@@ -47,9 +47,7 @@ def load_runs(root: Path) -> list[dict]:
         vals = [t["val/acc"] for t in tasks.values() if "val/acc" in t]
         runs.append(
             {
-                # a mask-group sweep (mask=1s,kernel,filter) keeps one row per mask choice
-                "method": options.get("method", summary["method"])
-                + (f" (mask={options['mask']})" if "mask" in options else ""),
+                "method": _row_name(options, summary["method"]),
                 "lr_scale": options.get("method.lr_scale", "1"),
                 "val": sum(vals) / len(vals) if vals else float("-inf"),
                 "summary": summary,
@@ -60,6 +58,17 @@ def load_runs(root: Path) -> list[dict]:
     if not runs:
         raise TableError(f"no */metrics.json under {root}: give the sweep's hydra.sweep.dir")
     return runs
+
+
+def _row_name(options: dict[str, str], method: str) -> str:
+    """The method, plus the mask choice when the sweep varied it (one row per choice):
+    ``mask=1s,kernel,filter`` or, for methods that own their mask options (KSM),
+    ``method.mask.granularity=kernel,filter``."""
+    name = options.get("method", method)
+    for key in ("mask", "method.mask.granularity"):
+        if key in options:
+            name += f" ({key.removeprefix('method.')}={options[key]})"
+    return name
 
 
 def _budget(config: Path) -> str | None:

@@ -207,6 +207,30 @@ class Trainee:
         return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
+def mask_passes(trainee: Trainee, rounds: int) -> list[float]:
+    """Seconds of the elementwise work a Piggyback step adds, alone, per round.
+
+    Over every masked weight: the forward's ``Q(mask_real) * W`` (as ``_MaskedWeight`` builds
+    it) and the backward's ``dL/dW_eff * W`` (into a preallocated buffer, the traffic of the
+    in-place product the Function does). Memory-bound passes: their time is the part of the
+    step ratio that no reordering of the same arithmetic removes.
+    """
+    from piggyback.nn.convert import masked_weights
+    from piggyback.nn.threshold import quantize
+
+    layers = [m for _, m in masked_weights(trainee.module.backbone)]
+    grads = [torch.randn_like(m.weight) for m in layers]
+    outs = [torch.empty_like(m.weight) for m in layers]
+
+    def run() -> None:
+        with torch.no_grad():
+            for m, g, out in zip(layers, grads, outs, strict=True):
+                quantize(m.mask_real, m.threshold, m.threshold_fn).mul_(m.weight)
+                torch.mul(g, m.weight, out=out)
+
+    return interleaved({"passes": run}, rounds, 1, trainee.device)["passes"]
+
+
 def batch(args: argparse.Namespace, size: int | None = None, n: int | None = None):
     g = torch.Generator().manual_seed(0)
     n = n or args.batch
@@ -281,6 +305,18 @@ def bench_training(args: argparse.Namespace) -> None:
             "info: where the step time goes",
             f"{pb:.1f} ms vs {ft:.1f} ms",
         )
+    # The floor: what Piggyback adds to a fine-tuning step if it cost exactly its arithmetic,
+    # i.e. the W * M pass, the dL/dW_eff * W pass and Adam's extra optimizer work.
+    passes = statistics.median(mask_passes(trainees["piggyback"], max(3, args.rounds // 3)))
+    optimizer_extra = split["piggyback"][2] - split["finetune"][2]
+    finetune_s = statistics.median(times["finetune"])
+    emit(
+        "piggyback_step_floor",
+        (finetune_s + passes + optimizer_extra) / finetune_s,
+        "info: finetune_step + the mask's elementwise passes + Adam's extra, over finetune_step",
+        f"mask passes {1e3 * passes:.1f} ms, optimizer extra {1e3 * optimizer_extra:.1f} ms, "
+        f"finetune step {1e3 * finetune_s:.1f} ms",
+    )
     images_per_s = args.batch / statistics.median(times["piggyback"])
     emit(
         "piggyback_train_images_per_s / finetune_train_images_per_s",

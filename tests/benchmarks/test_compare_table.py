@@ -32,6 +32,7 @@ def write_run(
     val: float,
     task_bytes: int = 1000,
     first: tuple[float, ...] | None = None,
+    extra: dict[str, str] | None = None,
 ) -> None:
     """A run folder of a three-task sequence: metrics.json and .hydra/overrides.yaml.
 
@@ -57,6 +58,7 @@ def write_run(
     (folder / ".hydra").mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(summary))
     overrides = [f"method={method}", f"method.lr_scale={lr}"]
+    overrides += [f"{k}={v}" for k, v in (extra or {}).items()]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
 
 
@@ -154,3 +156,27 @@ def test_compare_layout_is_unchanged(compare_table, sweep):
         "| finetune_sequential | 1 | 40.0 | 50.0 | 90.0 | 60.0 | -30.0 | 90.00 MB |",
         "| piggyback | 1 | 90.0 | 25.0 | 70.0 | 61.7 | +0.0 | 2.70 MB |",
     ]
+
+
+def test_mask_choices_get_one_row_each(compare_table, tmp_path):
+    """A sweep over mask granularity (the `mask` group, or KSM's own method.mask options)
+    keeps one row per choice, each with its own lr chosen on validation."""
+    root = tmp_path / "sweep"
+    for i, (method, key, value, lr, val) in enumerate(
+        [
+            ("piggyback", "mask", "kernel", "1", 0.5),
+            ("piggyback", "mask", "kernel", "3", 0.6),
+            ("piggyback", "mask", "filter", "1", 0.4),
+            ("ksm", "method.mask.granularity", "filter", "3", 0.3),
+            ("ksm", None, None, "1", 0.3),
+        ]
+    ):
+        extra = {key: value} if key else None
+        write_run(root / str(i), method, lr, (0.5, 0.5, 0.5), val=val, extra=extra)
+    rows = markdown_rows(compare_table.table(root))
+    assert {name: row[0] for name, row in rows.items() if name != "method"} == {
+        "ksm": "1",
+        "ksm (mask.granularity=filter)": "3",
+        "piggyback (mask=filter)": "1",
+        "piggyback (mask=kernel)": "3",
+    }
