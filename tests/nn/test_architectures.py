@@ -16,22 +16,84 @@ import pytest
 import timm
 import torch
 import torchvision
+from timm.layers import StdConv2d
+from timm.models.resnetv2 import ResNetV2
 from torch import nn
+from torchvision.models.convnext import CNBlockConfig
 
 from piggyback.nn import is_masked, mask_model, masked_weights, materialize
 
-# name -> (builder, input size)
+
+def _vgg16_bn_slim_head() -> nn.Module:
+    """VGG16-BN's own class and 13 conv layers, with 64-wide fully connected layers: the
+    stock 4096-wide head (120M weights) is what makes vgg16_bn cost seconds per forward."""
+    model = torchvision.models.vgg16_bn()
+    model.classifier = nn.Sequential(
+        nn.Linear(512 * 7 * 7, 64), nn.ReLU(True), nn.Dropout(), nn.Linear(64, 64),
+        nn.ReLU(True), nn.Dropout(), nn.Linear(64, 10),
+    )  # fmt: skip
+    return model
+
+
+def _vit_small() -> nn.Module:
+    """torchvision's VisionTransformer (its encoder blocks, nn.MultiheadAttention, class
+    token) at 2 layers of width 64: every code path of vit_b_16 for 1/1000 of the work."""
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128
+    )
+
+
+def _resnetv2_small() -> nn.Module:
+    """timm's ResNetV2 as resnetv2_50x1_bit builds it (fixed stem, weight-standardized
+    StdConv2d, pre-activation bottlenecks, GroupNorm) at 2 stages of 1 block."""
+    return ResNetV2(
+        layers=(1, 1),
+        channels=(128, 256),
+        stem_chs=32,
+        stem_type="fixed",
+        conv_layer=functools.partial(StdConv2d, eps=1e-8),
+    )
+
+
+def _convnext_small() -> nn.Module:
+    """torchvision's ConvNeXt (CNBlock: 7x7 depthwise, layer scale, LayerNorm2d), 2 stages."""
+    return torchvision.models.ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)])
+
+
+def _swin_small() -> nn.Module:
+    """torchvision's SwinTransformer (shifted windows, relative position bias), 2 stages."""
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=[4, 4]
+    )
+
+
+# name -> (builder, input size). Each family runs in the default suite as a small member
+# built by its own library class (same modules, same forward code); the real-size models
+# run every test behind the `slow` marker (REAL_SIZE), except the paper's ResNet-50, whose
+# single-forward properties stay in the default suite.
 MODELS = {
     "tv_resnet50": (lambda: torchvision.models.resnet50(), 32),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(), 32),
     "tv_vgg16_bn": (lambda: torchvision.models.vgg16_bn(), 32),
+    "tv_vgg16_bn_slim_head": (_vgg16_bn_slim_head, 32),
     "tv_densenet121": (lambda: torchvision.models.densenet121(), 32),
+    "tv_densenet_small": (
+        lambda: torchvision.models.DenseNet(
+            growth_rate=8, block_config=(2, 2), num_init_features=16
+        ),
+        32,
+    ),
     "tv_mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(), 32),
     "tv_efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(), 32),
     "tv_convnext_tiny": (lambda: torchvision.models.convnext_tiny(), 32),
+    "tv_convnext_small_config": (_convnext_small, 32),
     "tv_vit_b_16": (lambda: torchvision.models.vit_b_16(image_size=32), 32),
+    "tv_vit_small": (_vit_small, 32),
     "tv_swin_t": (lambda: torchvision.models.swin_t(), 32),
+    "tv_swin_small_config": (_swin_small, 32),
     "timm_tf_efficientnet_lite0": (lambda: timm.create_model("tf_efficientnet_lite0"), 32),
     "timm_resnetv2_50x1_bit": (lambda: timm.create_model("resnetv2_50x1_bit"), 32),
+    "timm_resnetv2_small": (_resnetv2_small, 32),
     "timm_vit_tiny_patch16_224": (
         lambda: timm.create_model("vit_tiny_patch16_224", img_size=32),
         32,
@@ -44,7 +106,25 @@ MODELS = {
     ),
     "timm_convnext_atto": (lambda: timm.create_model("convnext_atto"), 32),
 }
-NAMES = list(MODELS)
+# Real-size models: 3-17 s per test on 2 CPU cores (the per-weight test runs one forward per
+# masked weight); their small family members above keep every code path in the default run.
+REAL_SIZE = {
+    "tv_vgg16_bn",
+    "tv_densenet121",
+    "tv_efficientnet_b0",
+    "tv_convnext_tiny",
+    "tv_vit_b_16",
+    "tv_swin_t",
+    "timm_resnetv2_50x1_bit",
+}
+
+
+def _params(slow: set[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in slow else n for n in MODELS]
+
+
+NAMES = _params(REAL_SIZE)
+NAMES_PER_WEIGHT = _params(REAL_SIZE | {"tv_resnet50"})
 
 
 @functools.lru_cache(maxsize=2)
@@ -106,7 +186,7 @@ def test_random_masks_equal_weights_multiplied_by_hand(name):
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES_PER_WEIGHT)
 def test_every_masked_weight_acts(name):
     """Zeroing any one weight's mask changes the output: no mask is silently bypassed."""
     masked = _masked_copy(name)
@@ -156,7 +236,7 @@ def test_materialize_leaves_a_plain_model(name):
 # The same guarantees for kernel / filter masks (one value per k x k kernel / output channel,
 # broadcast onto W) and KSM's soft masks (binary unit x learned real scale), on models that
 # cover k x k, depthwise, 1 x 1 and linear weights and nn.MultiheadAttention.
-GRANULAR_NAMES = ["tv_mobilenet_v3_small", "timm_convnext_atto", "tv_vit_b_16"]
+GRANULAR_NAMES = ["tv_mobilenet_v3_small", "timm_convnext_atto", "tv_vit_small"]
 VARIANTS = [
     ("kernel", False),
     ("filter", False),
