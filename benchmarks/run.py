@@ -210,13 +210,13 @@ class Trainee:
 def mask_passes(trainee: Trainee, rounds: int) -> list[float]:
     """Seconds of the elementwise work a Piggyback step adds, alone, per round.
 
-    Over every masked weight: the forward's ``Q(mask_real) * W`` (as ``_MaskedWeight`` builds
-    it) and the backward's ``dL/dW_eff * W`` (into a preallocated buffer, the traffic of the
-    in-place product the Function does). Memory-bound passes: their time is the part of the
-    step ratio that no reordering of the same arithmetic removes.
+    Over every masked weight: the forward's ``W * M`` (``WeightMask.effective_weight``, the
+    call the masked layers make, here without autograd) and the backward's ``dL/dW_eff * W``
+    (into a preallocated buffer, the traffic of the in-place product the Function does).
+    Memory-bound passes: their time is the part of the step ratio that no reordering of the
+    same arithmetic removes.
     """
     from piggyback.nn.convert import masked_weights
-    from piggyback.nn.threshold import quantize
 
     layers = [m for _, m in masked_weights(trainee.module.backbone)]
     grads = [torch.randn_like(m.weight) for m in layers]
@@ -225,7 +225,7 @@ def mask_passes(trainee: Trainee, rounds: int) -> list[float]:
     def run() -> None:
         with torch.no_grad():
             for m, g, out in zip(layers, grads, outs, strict=True):
-                quantize(m.mask_real, m.threshold, m.threshold_fn).mul_(m.weight)
+                m.effective_weight()
                 torch.mul(g, m.weight, out=out)
 
     return interleaved({"passes": run}, rounds, 1, trainee.device)["passes"]
