@@ -29,6 +29,7 @@ from piggyback.formats import (
 )
 from piggyback.instantiate import build
 from piggyback.methods import Method, TaskState, build_method
+from piggyback.nn import recompute_masked_weights
 from piggyback.prototypes import feature_mean, moving_weights, pretrained_view
 from piggyback.stored_state import decode_stored, encode_stored
 
@@ -77,6 +78,7 @@ class PiggybackModule(L.LightningModule):
         class_names: list[str] | None = None,
         channels_last: bool = False,
         log_layer_sparsity: bool = True,
+        recompute_masked_weights: bool = False,
     ) -> None:
         super().__init__()
         backbone, mask, optimizer, scheduler, lr, method = map(
@@ -102,10 +104,12 @@ class PiggybackModule(L.LightningModule):
                 "class_names": _plain(class_names),
                 "channels_last": channels_last,
                 "log_layer_sparsity": log_layer_sparsity,
+                "recompute_masked_weights": recompute_masked_weights,
             }
         )
         self.channels_last = channels_last
         self.log_layer_sparsity = log_layer_sparsity
+        self.recompute_masked_weights = recompute_masked_weights
 
         built = build_backbone(**backbone)
         self.backbone_name = built.name
@@ -236,7 +240,8 @@ class PiggybackModule(L.LightningModule):
         if self.method.backbone_frozen:
             with torch.no_grad():
                 return self.backbone(x)
-        return self.backbone(x)
+        with recompute_masked_weights(self.recompute_masked_weights):
+            return self.backbone(x)
 
     def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
         if task is not None:

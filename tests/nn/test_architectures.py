@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import weakref
 
 import pytest
 import timm
@@ -21,7 +22,14 @@ from timm.models.resnetv2 import ResNetV2
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig
 
-from piggyback.nn import is_masked, mask_model, masked_weights, materialize
+from piggyback.nn import (
+    WeightMask,
+    is_masked,
+    mask_model,
+    masked_weights,
+    materialize,
+    recompute_masked_weights,
+)
 
 
 def _vgg16_bn_slim_head() -> nn.Module:
@@ -149,8 +157,9 @@ def _input(name: str) -> torch.Tensor:
 
 
 def _masked_copy(name: str, **options) -> nn.Module:
+    model = copy.deepcopy(_original(name))  # first, so that building it cannot move the seed
     torch.manual_seed(2)
-    return mask_model(copy.deepcopy(_original(name)), **options).eval()
+    return mask_model(model, **options).eval()
 
 
 def _by_hand(name: str, masked: nn.Module) -> nn.Module:
@@ -217,6 +226,42 @@ def test_mask_gradient_is_straight_through(name):
             mask.mask_real.grad, expected, rtol=1e-3, atol=1e-6, msg=lambda m, p=pname: f"{p}: {m}"
         )
         assert mask.weight.grad is None
+
+
+def _effective_weights_kept(monkeypatch, masked: nn.Module, x: torch.Tensor, recompute: bool):
+    """Mask gradients of one backward, and how many ``W * M`` outlived the forward."""
+    made = []
+    original = WeightMask.effective_weight
+
+    def recording(self, **kwargs):
+        out = original(self, **kwargs)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(WeightMask, "effective_weight", recording)
+    with recompute_masked_weights(recompute):
+        loss = masked(x).square().mean()
+    kept = sum(ref() is not None for ref in made)
+    loss.backward()
+    monkeypatch.setattr(WeightMask, "effective_weight", original)
+    grads = {n: m.mask_real.grad.clone() for n, m in masked_weights(masked)}
+    return grads, kept
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_recomputed_masked_weights_free_w_m_and_keep_gradients_bit_identical(name, monkeypatch):
+    """``recompute_masked_weights``: no ``W * M`` is held from forward to backward (conv,
+    linear and attention alike), and the mask gradients are bit for bit the saved ones."""
+    x = _input(name)
+    masked = _masked_copy(name, mask_init="uniform")
+    saved, kept_saved = _effective_weights_kept(monkeypatch, masked, x, recompute=False)
+    masked = _masked_copy(name, mask_init="uniform")
+    rebuilt, kept_rebuilt = _effective_weights_kept(monkeypatch, masked, x, recompute=True)
+    assert kept_saved > 0  # without it, autograd keeps W * M alive
+    assert kept_rebuilt == 0
+    assert saved.keys() == rebuilt.keys()
+    for pname in saved:
+        assert torch.equal(saved[pname], rebuilt[pname]), pname
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -30,6 +30,7 @@ from piggyback.nn.layers import (
     remove_weight_masks,
     unit_shape,
 )
+from piggyback.nn.recompute import recompute_masked_weights
 from piggyback.nn.superpose import pretrained_weights, superposed
 from piggyback.nn.threshold import (
     DEFAULT_TEMPERATURE,
@@ -73,6 +74,7 @@ __all__ = [
     "num_masked_weights",
     "pretrained_weights",
     "quantize",
+    "recompute_masked_weights",
     "remove_weight_masks",
     "reset_masks",
     "scale_parameters",

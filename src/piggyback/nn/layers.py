@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from piggyback.nn.recompute import mark_recomputable
 from piggyback.nn.threshold import (
     DEFAULT_TEMPERATURE,
     DEFAULT_THRESHOLD,
@@ -242,7 +243,7 @@ class WeightMask(nn.Module):
         Reduced-shape and soft masks take the broadcasting path (:func:`unit_masked_weight`).
         """
         if self.soft_scale is not None or self.unit_shape != tuple(self.weight.shape):
-            return unit_masked_weight(
+            weight = unit_masked_weight(
                 self.weight,
                 self.mask_real,
                 self.threshold,
@@ -251,13 +252,30 @@ class WeightMask(nn.Module):
                 scale=self.soft_scale,
                 temperature=self.temperature if self.soft_scale is not None else None,
             )
-        return masked_weight(
-            self.weight,
-            self.mask_real,
+        else:
+            weight = masked_weight(
+                self.weight,
+                self.mask_real,
+                self.threshold,
+                self.threshold_fn,
+                self.grad_rescale,
+                owns_grad=owns_grad,
+            )
+        # inside piggyback.nn.recompute_masked_weights: autograd keeps a recipe, not W * M
+        return mark_recomputable(weight, self.effective_weight, self._versions)
+
+    def _versions(self) -> tuple:
+        """What ``W * M`` is computed from: changed in place, a saved recipe is stale."""
+        scale = self.soft_scale
+        return (
+            self.weight._version,
+            id(self.weight),
+            self.mask_real._version,
+            id(self.mask_real),
+            None if scale is None else (scale._version, id(scale)),
             self.threshold,
             self.threshold_fn,
-            self.grad_rescale,
-            owns_grad=owns_grad,
+            self.temperature,
         )
 
     def extra_repr(self) -> str:

@@ -44,6 +44,7 @@ def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> PiggybackModule
         mask=to_dict(cfg.mask),
         channels_last=cfg.model.get("channels_last", False),
         log_layer_sparsity=cfg.model.get("log_layer_sparsity", True),
+        recompute_masked_weights=cfg.model.get("recompute_masked_weights", False),
     )
     if cfg.model.get("compile", False):
         module = from_compiled(torch.compile(module))
