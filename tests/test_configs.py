@@ -208,5 +208,8 @@ def test_domains_experiment_sweeps_every_method_over_the_seven_tasks():
     assert roots["cifar10_small"] == (f"{data_dir}/cifar10_small", "")
     assert cfg.method.scheduler.step_size == 12  # the lr never drops within a run
     params = cfg.hydra.sweeper.params
-    assert sorted(params.method.split(",")) == _options("method")
+    # piggyback_lean is Piggyback with another optimizer (same method, leaner state), checked
+    # against Adam on its own (benchmarks/README.md), not a rival in the comparison
+    compared = [m for m in _options("method") if m != "piggyback_lean"]
+    assert sorted(params.method.split(",")) == compared
     assert len(str(params["method.lr_scale"]).split(",")) > 1

@@ -32,6 +32,7 @@ TINY = (
     [
         "piggyback",
         "piggyback_bn",
+        "piggyback_lean",
         "finetune",
         "finetune_sequential",
         "classifier_only",

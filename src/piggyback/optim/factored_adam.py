@@ -1,0 +1,160 @@
+"""Adam with a factored second moment: Piggyback's optimizer state at a fraction of the memory.
+
+Piggyback trains one real-valued mask per weight with Adam, whose two moments are each as
+large as the network: on ViT-B/16 that is 660 MiB of state where fine-tuning with SGD keeps
+one 330 MiB momentum buffer (benchmarks/README.md, "Peak memory"). This optimizer keeps
+Adam's update rule, ``p -= lr * m_hat / (sqrt(v_hat) + eps)`` with Adam's bias corrections,
+so ``lr`` keeps its meaning for masks (a mask moves by about ``lr`` per step, which sets how
+soon it flips) and the paper's learning rates carry over, but:
+
+- the second moment of a tensor with two or more dimensions is Adafactor's factored
+  estimate (Shazeer & Stern, 2018): running means of ``g**2`` over the rows and over the
+  columns of the tensor viewed as ``(shape[0], rest)`` (output channel x fan-in), and
+  ``v ~= outer(row, col) / mean(row)``; ``out + fan-in`` numbers instead of ``out * fan-in``;
+- ``first_moment_dtype=torch.bfloat16`` stores the first moment in half the bytes (its
+  running mean moves by 10 % of the gradient per step, far above bfloat16's 0.4 %
+  resolution; the second moment's 0.1 % steps would be rounded away, which is why it is
+  factored in fp32 instead of stored in bfloat16). ``betas[0] = 0`` drops it altogether.
+
+Not exact: the masks learned differ from Adam's. benchmarks/README.md records the demo and
+Split-CIFAR-10 runs that show accuracy and the masked-off fraction against Adam's run-to-run
+spread; the paper's Adam stays the default (``conf/method/piggyback.yaml``).
+
+Why not ``torch.optim.Adafactor`` (torch 2.5+): its step is relative, scaled by the
+parameter's RMS and capped by ``1/sqrt(t)``, so the masks' flip schedule would follow their
+own magnitude instead of ``lr``; it has no first moment; and it factors the *last two*
+dimensions, so a 1 x 1 conv's mask (``out, in, 1, 1``) gets row and column statistics that
+are each as large as the mask, twice Adam's second moment.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+__all__ = ["FactoredAdam"]
+
+
+def _factored(shape: torch.Size) -> bool:
+    """Whether a tensor gets the factored second moment: two real dimensions at least."""
+    return len(shape) >= 2 and shape[0] > 1 and math.prod(shape[1:]) > 1
+
+
+class FactoredAdam(torch.optim.Optimizer):
+    """Adam's update with Adafactor's factored second moment (see the module docstring).
+
+    ``first_moment_dtype``: ``None`` keeps the first moment in the parameter's dtype;
+    ``torch.bfloat16`` (or ``"bfloat16"`` from a config) halves it. ``factored=False``
+    keeps the full second moment (then, in fp32, this is Adam up to rounding order).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        factored: bool = True,
+        first_moment_dtype: torch.dtype | str | None = None,
+    ) -> None:
+        if not lr >= 0:
+            raise ValueError(f"FactoredAdam: lr must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"FactoredAdam: betas must be in [0, 1), got {tuple(betas)}")
+        if not eps > 0:
+            raise ValueError(f"FactoredAdam: eps must be > 0, got {eps}")
+        if isinstance(first_moment_dtype, str):
+            dtype = getattr(torch, first_moment_dtype, None)
+            if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+                raise ValueError(
+                    f"FactoredAdam: first_moment_dtype {first_moment_dtype!r} is not a torch "
+                    "floating-point dtype (e.g. bfloat16, float32)"
+                )
+            first_moment_dtype = dtype
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "factored": factored,
+            "first_moment_dtype": first_moment_dtype,
+        }
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
+        state = self.state[p]
+        if state:
+            return state
+        state["step"] = 0
+        if group["betas"][0] > 0:
+            dtype = group["first_moment_dtype"] or p.dtype
+            state["exp_avg"] = torch.zeros_like(
+                p, dtype=dtype, memory_format=torch.contiguous_format
+            )
+        if group["factored"] and _factored(p.shape):
+            rows = p.shape[0]
+            state["exp_avg_sq_row"] = torch.zeros(rows, dtype=torch.float32, device=p.device)
+            state["exp_avg_sq_col"] = torch.zeros(
+                p.numel() // rows, dtype=torch.float32, device=p.device
+            )
+        else:
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As torch's, which casts every float state to its parameter's dtype; the bf16 first
+        moment is cast back (exact: bf16 -> fp32 -> bf16 is lossless)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            dtype = group["first_moment_dtype"]
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                if dtype is not None and "exp_avg" in state:
+                    state["exp_avg"] = state["exp_avg"].to(dtype)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FactoredAdam does not support sparse gradients")
+                state = self._init_state(p, group)
+                state["step"] += 1
+                t = state["step"]
+                grad = p.grad
+                if group["weight_decay"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                grad2d = grad.reshape(grad.shape[0], -1) if "exp_avg_sq_row" in state else grad
+                if "exp_avg_sq_row" in state:
+                    sq = grad2d.float().square()
+                    state["exp_avg_sq_row"].lerp_(sq.mean(dim=1), 1 - beta2)
+                    state["exp_avg_sq_col"].lerp_(sq.mean(dim=0), 1 - beta2)
+                    row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+                    # outer(row, col) / mean(row): Adafactor's rank-1 estimate of E[g**2]
+                    denom = torch.outer(row / row.mean().clamp_min(1e-30), col)
+                    denom = denom.view(grad.shape)
+                else:
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = state["exp_avg_sq"].clone()
+                denom.div_(1 - beta2**t).sqrt_().add_(group["eps"])
+                if "exp_avg" in state:
+                    exp_avg = state["exp_avg"]
+                    exp_avg.lerp_(grad.to(exp_avg.dtype), 1 - beta1)
+                    numer = exp_avg.to(p.dtype) if exp_avg.dtype != p.dtype else exp_avg
+                    step_size = group["lr"] / (1 - beta1**t)
+                else:
+                    numer, step_size = grad, group["lr"]
+                p.addcdiv_(numer, denom.to(p.dtype), value=-step_size)
+        return loss

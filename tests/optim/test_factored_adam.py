@@ -1,0 +1,108 @@
+"""FactoredAdam: Adam's update with a factored second moment and an optional bf16 first
+moment. Exact where it should be (no factoring, or rank-1 squared gradients), small state
+where it promises to be, and the checkpoint round trip of any optimizer."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from piggyback.optim import FactoredAdam
+
+
+def _params(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 8, 3, 3), (32, 64), (8, 4, 1, 1), (10,), (1, 5)]
+    return [torch.nn.Parameter(torch.randn(s, generator=g) * 1e-2) for s in shapes]
+
+
+def _run(optimizer, params, steps: int, seed: int = 1, grads=None) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for i, p in enumerate(params):
+            p.grad = grads(step, i, p) if grads else torch.randn(p.shape, generator=g) * 1e-3
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_unfactored_fp32_is_adam():
+    ours, ref = _params(), _params()
+    _run(FactoredAdam(ours, lr=1e-3, factored=False), ours, steps=20)
+    _run(torch.optim.Adam(ref, lr=1e-3), ref, steps=20)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_factored_equals_adam_when_squared_gradients_are_rank_one():
+    """Adafactor's estimate is exact for ``g**2 = outer(r, c)``: then it is Adam."""
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(p.shape, generator=gen) for p in _params()]
+    scale = torch.rand(30, generator=gen) + 0.5
+
+    def grads(step, i, p):  # g = s_t * outer(a, b): g**2 is rank one at every step
+        a = base[i].reshape(p.shape[0], -1)[:, :1]
+        b = base[i].reshape(p.shape[0], -1)[:1, :]
+        return (scale[step] * a * b).reshape(p.shape) * 1e-3
+
+    ours, ref = _params(), _params()
+    _run(FactoredAdam(ours, lr=1e-3), ours, steps=30, grads=grads)
+    _run(torch.optim.Adam(ref, lr=1e-3), ref, steps=30, grads=grads)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_state_is_small():
+    params = _params()
+    opt = FactoredAdam(params, first_moment_dtype="bfloat16")
+    _run(opt, params, steps=1)
+    conv, linear, pointwise, bias, row = (opt.state[p] for p in params)
+    assert conv["exp_avg_sq_row"].shape == (16,) and conv["exp_avg_sq_col"].shape == (72,)
+    assert linear["exp_avg_sq_row"].shape == (32,) and linear["exp_avg_sq_col"].shape == (64,)
+    assert pointwise["exp_avg_sq_row"].shape == (8,) and pointwise["exp_avg_sq_col"].shape == (4,)
+    assert bias["exp_avg_sq"].shape == (10,)  # one dimension: Adam's full second moment
+    assert row["exp_avg_sq"].shape == (1, 5)  # a single row: nothing to factor
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt.state.values())
+    no_first = FactoredAdam(params, betas=(0.0, 0.999))
+    _run(no_first, params, steps=1)
+    assert not any("exp_avg" in s for s in no_first.state.values())
+
+
+def test_a_mask_moves_by_about_lr_per_step():
+    """What the masks rely on: the step is set by lr, not by the gradient's size."""
+    for magnitude in (1e-9, 1e-3):
+        (p,) = [torch.nn.Parameter(torch.full((64, 32), 1e-2))]
+        opt = FactoredAdam([p], lr=1e-4)
+        noise = torch.randn(5, 64, 32, generator=torch.Generator().manual_seed(0)) * magnitude
+        _run(opt, [p], steps=5, grads=lambda step, i, p, noise=noise: noise[step])
+        moved = (p.detach() - 1e-2).abs()
+        assert 1e-5 < moved.median() < 5.1e-4
+
+
+def test_checkpoint_round_trip_continues_bit_identically():
+    params = _params()
+    opt = FactoredAdam(params, lr=1e-3, first_moment_dtype=torch.bfloat16)
+    _run(opt, params, steps=3)
+    saved_params = copy.deepcopy(params)
+    resumed = FactoredAdam(saved_params, lr=1e-3, first_moment_dtype=torch.bfloat16)
+    resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _run(opt, params, steps=3, seed=7)
+    _run(resumed, saved_params, steps=3, seed=7)
+    for a, b in zip(params, saved_params, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (1.0, 0.9)}, "betas"),
+        ({"eps": 0.0}, "eps"),
+        ({"first_moment_dtype": "int8"}, "first_moment_dtype"),
+        ({"first_moment_dtype": "bfloat17"}, "first_moment_dtype"),
+    ],
+)
+def test_bad_settings_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FactoredAdam(_params(), **kwargs)
