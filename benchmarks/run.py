@@ -145,6 +145,13 @@ class Trainee:
         optimizer = dict(cfg["optimizer"])
         if fused:
             optimizer["fused"] = True
+        if method == "piggyback" and getattr(args, "optimizer", "adam") == "factored":
+            # method=piggyback_lean's optimizer: factored second moment, bf16 first moment
+            optimizer = {
+                "_target_": "piggyback.optim.FactoredAdam",
+                "_partial_": True,
+                "first_moment_dtype": "bfloat16",
+            }
         if method == "piggyback" and getattr(args, "step_in_backward", False):
             # opt-in: each mask stepped (and its gradient freed) during backward
             optimizer = {
@@ -164,6 +171,7 @@ class Trainee:
             lr=cfg.get("lr"),
             channels_last=args.channels_last,
             log_layer_sparsity=False,
+            recompute_masked_weights=getattr(args, "recompute", False),
         ).to(args.device)
         self.module.setup("fit")  # channels_last conversion, as Lightning would do it
         self.module.train()
@@ -534,25 +542,44 @@ def memory_child(args: argparse.Namespace) -> None:
     print(json.dumps({"peak": peak, "static": static, "how": how}))
 
 
+MEMORY_VARIANTS = {
+    "piggyback": ("piggyback", ()),
+    # method=piggyback_lean with model.recompute_masked_weights=true
+    "piggyback_lean": ("piggyback", ("--optimizer", "factored", "--recompute")),
+    "finetune": ("finetune", ()),
+}
+
+
 def bench_memory(args: argparse.Namespace) -> None:
+    """Peak training memory of the paper's Piggyback and of its lean setting, over
+    fine-tuning's, each measured in a fresh process."""
     if args.device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
         note("peak memory: needs Linux /proc/self/clear_refs on CPU; skipped")
         return
     result = {}
-    for method in ("piggyback", "finetune"):
-        cmd = [sys.executable, __file__, "--memory-child", method, *args.child_argv]
+    for variant, (method, extra) in MEMORY_VARIANTS.items():
+        cmd = [sys.executable, __file__, "--memory-child", method, *args.child_argv, *extra]
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
-            note(f"peak memory child for {method} failed: {out.stderr.strip()[-500:]}")
+            note(f"peak memory child for {variant} failed: {out.stderr.strip()[-500:]}")
             return
-        result[method] = json.loads(out.stdout.strip().splitlines()[-1])
-    pb, ft = result["piggyback"], result["finetune"]
+        result[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+    ft = result["finetune"]
+    where = f"{args.memory_steps} steps, {args.arch}, batch {args.batch} at {args.size} px"
+    pb = result["piggyback"]
     emit(
         "piggyback_peak_memory / finetune_peak_memory",
         pb["peak"] / ft["peak"],
         "info: mask, its grad and 2 Adam states are weight-sized",
-        f"{mib(pb['peak'])} vs {mib(ft['peak'])}; {pb['how']}; {args.memory_steps} steps, "
-        f"{args.arch}, batch {args.batch} at {args.size} px",
+        f"{mib(pb['peak'])} vs {mib(ft['peak'])}; {pb['how']}; {where}",
+    )
+    lean = result["piggyback_lean"]
+    emit(
+        "piggyback_lean_peak_memory / finetune_peak_memory",
+        lean["peak"] / ft["peak"],
+        "<= 1.10 at 224 px, <= 1.15 at 96 px",
+        f"{mib(lean['peak'])} vs {mib(ft['peak'])}; method=piggyback_lean (FactoredAdam, bf16 "
+        f"first moment) + model.recompute_masked_weights=true; {where}",
     )
 
 
@@ -770,6 +797,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--step-in-backward",
         action="store_true",
         help="piggyback's optimizer wrapped in piggyback.optim.StepInBackward",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=("adam", "factored"),
+        default="adam",
+        help="piggyback's optimizer: the paper's Adam, or method=piggyback_lean's FactoredAdam "
+        "(factored second moment, bf16 first moment)",
+    )
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="model.recompute_masked_weights=true: W*M rebuilt in backward, not saved",
     )
     p.add_argument("--memory-child", choices=METHODS, help=argparse.SUPPRESS)
     p.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)

@@ -61,6 +61,29 @@ def test_bad_config_is_refused_before_training(make_cfg, override):
     assert str(info.value) == CASES[override]
 
 
+SIB = "method.optimizer._target_=piggyback.optim.StepInBackward"
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (("method=piggyback_lean", "+trainer.gradient_clip_val=1.0"), "gradient_clip_val"),
+        (("method=piggyback_lean", "+trainer.accumulate_grad_batches=2"), "accumulate_grad"),
+        (("method=packnet", SIB), "method=packnet edits gradients after backward"),
+        (("method=cpg", SIB), "method=cpg edits gradients after backward"),
+    ],
+)
+def test_step_in_backward_refuses_what_needs_gradients_after_backward(make_cfg, overrides, match):
+    cfg = make_cfg(*TINY, *overrides)
+    with pytest.raises(ConfigError, match=match):
+        check_config(cfg, [cfg.data])
+
+
+def test_lean_piggyback_config_passes_the_checks(make_cfg):
+    cfg = make_cfg(*TINY, "method=piggyback_lean", "model.recompute_masked_weights=true")
+    check_config(cfg, [cfg.data])
+
+
 def test_ternary_masks_with_compressed_encoding_are_refused(make_cfg):
     cfg = make_cfg("mask=ternary", "artifact_encoding=rice")
     with pytest.raises(ConfigError, match=r"^artifact_encoding=rice stores binary masks only"):

@@ -18,7 +18,7 @@ from piggyback.backbones.base import torch_load_failure
 from piggyback.finite_loss import MODES as NONFINITE_LOSS_MODES  # issue 18
 from piggyback.formats import MASK_ENCODINGS, canonical_encoding
 from piggyback.instantiate import to_dict
-from piggyback.methods import build_method
+from piggyback.methods import Method, build_method
 from piggyback.nn import GRAD_RESCALES, MASK_INITS, THRESHOLD_FNS
 
 # Letters (any script), digits, "_", "-" and spaces; no dots, separators or "..".
@@ -65,6 +65,7 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
         method = build_method(to_dict(cfg.method))
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
+    _check_step_in_backward(cfg, method)
     names = []
     for data_cfg in task_cfgs:
         name = check_task_name(data_cfg.get("task_name"))
@@ -86,6 +87,30 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
     if not cfg.get("overwrite_artifacts", False):
         check_output_folder(
             Path(cfg.paths.output_dir), names, cfg.get("save_artifacts", True), cfg.get("resume")
+        )
+
+
+def _check_step_in_backward(cfg: DictConfig, method: Method) -> None:
+    """``piggyback.optim.StepInBackward`` steps each parameter inside backward and drops its
+    gradient: nothing is left for clipping, accumulation or a method's gradient hook."""
+    target = str((cfg.method.get("optimizer") or {}).get("_target_", ""))
+    if not target.endswith("StepInBackward"):
+        return
+    trainer = cfg.get("trainer") or {}
+    if trainer.get("gradient_clip_val"):
+        raise ConfigError(
+            "trainer.gradient_clip_val cannot clip under StepInBackward (the step happens "
+            "inside backward); drop the clipping or use the method's plain optimizer"
+        )
+    if (trainer.get("accumulate_grad_batches") or 1) > 1:
+        raise ConfigError(
+            "trainer.accumulate_grad_batches > 1 cannot accumulate under StepInBackward (each "
+            "gradient is used and dropped inside backward); set it to 1 or use the plain optimizer"
+        )
+    if type(method).on_after_backward is not Method.on_after_backward:
+        raise ConfigError(
+            f"method={method.name} edits gradients after backward, which StepInBackward has "
+            "already used and dropped; use the method's own optimizer"
         )
 
 

@@ -5,11 +5,12 @@ where it promises to be, and the checkpoint round trip of any optimizer."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
 
-from piggyback.optim import FactoredAdam
+from piggyback.optim import FactoredAdam, StepInBackward
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -106,3 +107,23 @@ def test_checkpoint_round_trip_continues_bit_identically():
 def test_bad_settings_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         FactoredAdam(_params(), **kwargs)
+
+
+def test_stepped_in_backward_it_learns_the_same_masks():
+    """method=piggyback_lean wraps it in StepInBackward: per tensor, so bit-identical."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), torch.nn.Linear(12, 3))
+    twin = copy.deepcopy(net)
+    plain = FactoredAdam(net.parameters(), lr=1e-2, first_moment_dtype="bfloat16")
+    fused = StepInBackward(
+        twin.parameters(), partial(FactoredAdam, lr=1e-2, first_moment_dtype="bfloat16")
+    )
+    g = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(5, 6, generator=g), torch.randint(0, 3, (5,), generator=g)
+        for model, opt in ((net, plain), (twin, fused)):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    for a, b in zip(net.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -97,6 +97,20 @@ def test_scheduler_learning_rate_reaches_the_inner_step():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
 
 
+def test_scheduler_learning_rate_reaches_the_inner_step_after_a_resume():
+    """load_state_dict makes new param groups; the scheduler writes those (regression: the
+    inner optimizers kept the old groups, so a resumed run never saw its lr drop)."""
+    net = _model()
+    optimizer = StepInBackward(_groups(net), partial(torch.optim.SGD))
+    _train(net, optimizer, steps=1)
+    optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    before = [p.detach().clone() for p in net.parameters()]
+    _train(net, optimizer, steps=1)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+
+
 STEP_IN_BACKWARD = {
     "_target_": "piggyback.optim.StepInBackward",
     "_partial_": True,

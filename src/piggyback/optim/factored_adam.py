@@ -89,6 +89,11 @@ class FactoredAdam(torch.optim.Optimizer):
     def _init_state(self, p: torch.Tensor, group: dict[str, Any]) -> dict[str, Any]:
         state = self.state[p]
         if state:
+            dtype = group["first_moment_dtype"]
+            if dtype is not None and state.get("exp_avg", p).dtype != dtype:
+                # torch's load_state_dict casts float state to the parameter's dtype (so does
+                # StepInBackward's): back to the stored dtype, losslessly (bf16 -> fp32 -> bf16)
+                state["exp_avg"] = state["exp_avg"].to(dtype)
             return state
         state["step"] = 0
         if group["betas"][0] > 0:
@@ -105,17 +110,6 @@ class FactoredAdam(torch.optim.Optimizer):
         else:
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
         return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As torch's, which casts every float state to its parameter's dtype; the bf16 first
-        moment is cast back (exact: bf16 -> fp32 -> bf16 is lossless)."""
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:
-            dtype = group["first_moment_dtype"]
-            for p in group["params"]:
-                state = self.state.get(p, {})
-                if dtype is not None and "exp_avg" in state:
-                    state["exp_avg"] = state["exp_avg"].to(dtype)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

@@ -77,5 +77,12 @@ class StepInBackward(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        for param, (inner, _) in self._inner.items():
-            inner.state[param] = self.state[param]  # load_state_dict made new dicts
+        # load_state_dict made new state and param-group dicts: point every inner optimizer
+        # at them, or a resumed run keeps stepping with the lr of the run's start (a
+        # scheduler only ever updates the new groups)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param in self._inner:
+                    inner, _ = self._inner[param]
+                    self._inner[param] = (inner, group)
+                    inner.state[param] = self.state[param]
