@@ -278,7 +278,7 @@ def test_resume_from_another_task_method_or_an_artifact_is_refused(tmp_path):
 def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path, method):
     """Case 7: data order, RNG, optimizer and scheduler state all carry over last.ckpt
     (``ksm``: kernel-granular masks and their soft scales too; ``piggyback_lean``:
-    FactoredAdam's bf16 first moment and factored second moment)."""
+    LeanAdam's bf16 first moment, stepped in backward)."""
     args = (*TINY[:1], "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")
     args += (f"method={method}",)
     args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
