@@ -563,6 +563,24 @@ MEMORY_VARIANTS = {
 }
 
 
+MEMORY_LINES = {
+    "piggyback": (
+        "info: the paper's Adam",
+        "mask, its gradient and 2 Adam moments are weight-sized",
+    ),
+    "piggyback_lean": (
+        "<= 1.10 at 224 px, <= 1.15 at 96 px",
+        "method=piggyback_lean (LeanAdam, bf16 first moment, stepped in backward) "
+        "+ model.recompute_masked_weights=true",
+    ),
+    "piggyback_lean[factored]": (
+        "info: not Adam-like on masks",
+        "piggyback_lean + method.optimizer.optimizer.second_moment=factored",
+    ),
+}
+"""Each memory variant but finetune: its line's target and what it runs."""
+
+
 def bench_memory(args: argparse.Namespace) -> None:
     """Peak training memory of the paper's Piggyback and of its lean setting, over
     fine-tuning's, each measured in a fresh process."""
@@ -579,28 +597,14 @@ def bench_memory(args: argparse.Namespace) -> None:
         result[variant] = json.loads(out.stdout.strip().splitlines()[-1])
     ft = result["finetune"]
     where = f"{args.memory_steps} steps, {args.arch}, batch {args.batch} at {args.size} px"
-    pb = result["piggyback"]
-    emit(
-        "piggyback_peak_memory / finetune_peak_memory",
-        pb["peak"] / ft["peak"],
-        "info: mask, its grad and 2 Adam states are weight-sized",
-        f"{mib(pb['peak'])} vs {mib(ft['peak'])}; {pb['how']}; {where}",
-    )
-    lean = result["piggyback_lean"]
-    emit(
-        "piggyback_lean_peak_memory / finetune_peak_memory",
-        lean["peak"] / ft["peak"],
-        "<= 1.10 at 224 px, <= 1.15 at 96 px",
-        f"{mib(lean['peak'])} vs {mib(ft['peak'])}; method=piggyback_lean (LeanAdam, bf16 "
-        f"first moment, stepped in backward) + model.recompute_masked_weights=true; {where}",
-    )
-    factored = result["piggyback_lean[factored]"]
-    emit(
-        "piggyback_lean[factored]_peak_memory / finetune_peak_memory",
-        factored["peak"] / ft["peak"],
-        "info: + method.optimizer.optimizer.second_moment=factored (not Adam-like on masks)",
-        f"{mib(factored['peak'])} vs {mib(ft['peak'])}",
-    )
+    for variant, (target, what) in MEMORY_LINES.items():
+        peak = result[variant]["peak"]
+        emit(
+            f"{variant}_peak_memory / finetune_peak_memory",
+            peak / ft["peak"],
+            target,
+            f"{mib(peak)} vs {mib(ft['peak'])}; {what}; {result[variant]['how']}; {where}",
+        )
 
 
 # ------------------------------------------------------------------------- torch.compile
