@@ -581,16 +581,24 @@ MEMORY_LINES = {
 """Each memory variant but finetune: its line's target and what it runs."""
 
 
+MMAP_THRESHOLD = 1 << 20
+
+
 def bench_memory(args: argparse.Namespace) -> None:
     """Peak training memory of the paper's Piggyback and of its lean setting, over
     fine-tuning's, each measured in a fresh process."""
     if args.device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
         note("peak memory: needs Linux /proc/self/clear_refs on CPU; skipped")
         return
+    # A fixed mmap threshold turns off glibc's dynamic one, which after the first freed
+    # weight-sized tensor serves later ones from the heap, whose freed holes stay resident:
+    # every tensor above 1 MiB is then its own mapping, unmapped when freed, so the peak RSS
+    # follows live tensors instead of the heap's fragmentation.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)}
     result = {}
     for variant, (method, extra) in MEMORY_VARIANTS.items():
         cmd = [sys.executable, __file__, "--memory-child", method, *args.child_argv, *extra]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if out.returncode != 0:
             note(f"peak memory child for {variant} failed: {out.stderr.strip()[-500:]}")
             return
