@@ -111,6 +111,39 @@ def test_scheduler_learning_rate_reaches_the_inner_step_after_a_resume():
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
 
 
+def test_a_new_optimizer_over_the_same_parameters_takes_them_over():
+    """A task sequence builds one optimizer per task over masks that can be the same tensors
+    (regression: the first task's hook stayed first in line, stepped with its own state and
+    lr and dropped the gradient, so from the second task on the masks hardly moved)."""
+    adam = partial(torch.optim.Adam, fused=True)
+    net = _model()
+    first = StepInBackward(_groups(net), adam)
+    _train(net, first, steps=2)
+    first_state = copy.deepcopy(first.state_dict())
+    for group in first.param_groups:
+        group["lr"] = 0.0  # the first task's decayed lr must not reach the second task
+    fresh = copy.deepcopy(net)  # the same values, no hooks: what the second task should do
+    _train(fresh, adam(_groups(fresh)), steps=3)
+    second = StepInBackward(_groups(net), adam)
+    _train(net, second, steps=3)
+    for a, b in zip(fresh.parameters(), net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(
+        first.state_dict()["state"].values(), first_state["state"].values(), strict=True
+    ):
+        assert all(torch.equal(a[k], b[k]) for k in a)  # the old state stayed as it was
+
+
+def test_an_optimizer_that_is_gone_steps_nothing():
+    net = _model()
+    _train(net, StepInBackward(_groups(net), partial(torch.optim.SGD, lr=1.0)), steps=1)
+    before = [p.detach().clone() for p in net.parameters()]
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    F.cross_entropy(net(x), torch.zeros(4, dtype=torch.long)).backward()
+    for a, b in zip(before, net.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 STEP_IN_BACKWARD = {
     "_target_": "piggyback.optim.StepInBackward",
     "_partial_": True,

@@ -6,7 +6,7 @@ the gradient is then dropped (``grad = None``). So gradients never all exist at 
 Piggyback, whose masks are as large as the network, that removes one weight-sized tensor per
 mask from the training peak (the PyTorch tutorial "How to save memory by fusing the optimizer
 step into the backward pass"). Adam and SGD update each tensor independently, so the masks
-learned are bit-identical to the normal step's (``tests/test_optim.py``).
+learned are bit-identical to the normal step's (``tests/optim/test_step_in_backward.py``).
 
 Use it from a config, wrapping the method's optimizer::
 
@@ -26,12 +26,17 @@ Its ``state_dict`` has the usual layout, so checkpoints save and resume as usual
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 __all__ = ["StepInBackward"]
+
+_OWNERS = WeakTensorKeyDictionary()
+"""Which optimizer steps each parameter in backward: the newest one built over it."""
 
 
 class StepInBackward(torch.optim.Optimizer):
@@ -45,7 +50,7 @@ class StepInBackward(torch.optim.Optimizer):
         probe = optimizer([torch.zeros(1, requires_grad=True)])
         super().__init__(params, dict(probe.defaults))
         self._inner: dict[torch.Tensor, tuple[torch.optim.Optimizer, dict[str, Any]]] = {}
-        self._hooks = []
+        self._handles: dict[torch.Tensor, Any] = {}
         for group in self.param_groups:
             for param in group["params"]:
                 if not param.requires_grad:
@@ -54,7 +59,32 @@ class StepInBackward(torch.optim.Optimizer):
                 inner = optimizer([{"params": [param], **hparams}])
                 inner.state[param] = self.state[param]  # one state dict, seen by both
                 self._inner[param] = (inner, group)
-                self._hooks.append(param.register_post_accumulate_grad_hook(self._step_one))
+                self._take_over(param)
+
+    def _take_over(self, param: torch.Tensor) -> None:
+        """Become the one optimizer that steps ``param`` in backward.
+
+        The hook outlives its optimizer: it sits on the parameter, and a task sequence
+        builds a new optimizer per task over masks that may be the same tensors. Two hooks
+        would step the parameter twice, and the older one (first in line) would also drop
+        the gradient before the newer one sees it, so the new task would train with the
+        old task's state and decayed lr. So the newest optimizer removes the older one's
+        hook, and a hook holds its optimizer only weakly (an optimizer that is gone steps
+        nothing and keeps no state alive).
+        """
+        previous = _OWNERS.get(param)
+        older = previous() if previous is not None else None
+        if older is not None and param in older._handles:
+            older._handles.pop(param).remove()
+        ref = weakref.ref(self)
+        _OWNERS[param] = ref
+
+        def hook(p: torch.Tensor) -> None:
+            owner = ref()
+            if owner is not None:
+                owner._step_one(p)
+
+        self._handles[param] = param.register_post_accumulate_grad_hook(hook)
 
     def _step_one(self, param: torch.Tensor) -> None:
         inner, group = self._inner[param]
