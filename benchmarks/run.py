@@ -147,13 +147,10 @@ class Trainee:
             optimizer["fused"] = True
         lean = getattr(args, "optimizer", "adam")
         if method == "piggyback" and lean != "adam":
-            # method=piggyback_lean's optimizer (bf16 first moment), or also factored
-            optimizer = {
-                "_target_": "piggyback.optim.LeanAdam",
-                "_partial_": True,
-                "first_moment_dtype": "bfloat16",
-                "second_moment": "factored" if lean == "lean_factored" else "full",
-            }
+            # method=piggyback_lean's inner optimizer as shipped, or with a factored v
+            optimizer = dict(method_config("piggyback_lean")["optimizer"]["optimizer"])
+            if lean == "lean_factored":
+                optimizer["second_moment"] = "factored"
         if method == "piggyback" and getattr(args, "step_in_backward", False):
             # opt-in: each mask stepped (and its gradient freed) during backward
             optimizer = {
@@ -570,7 +567,7 @@ MEMORY_LINES = {
     ),
     "piggyback_lean": (
         "<= 1.10 at 224 px, <= 1.15 at 96 px",
-        "method=piggyback_lean (LeanAdam, bf16 first moment, stepped in backward) "
+        "method=piggyback_lean (LeanAdam, bf16 moments, stepped in backward) "
         "+ model.recompute_masked_weights=true",
     ),
     "piggyback_lean[factored]": (
@@ -835,7 +832,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("adam", "lean", "lean_factored"),
         default="adam",
         help="piggyback's optimizer: the paper's Adam, method=piggyback_lean's LeanAdam (bf16 "
-        "first moment), or LeanAdam with a factored second moment too",
+        "moments), or that LeanAdam with a factored second moment",
     )
     p.add_argument(
         "--recompute",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from piggyback.optim import LeanAdam, StepInBackward
+from piggyback.optim.lean_adam import round_to_bfloat16_stochastically_
 
 
 def _params(seed: int = 0) -> list[torch.nn.Parameter]:
@@ -69,6 +70,9 @@ def test_state_is_small():
     full = LeanAdam(params, first_moment_dtype="bfloat16")
     _run(full, params, steps=1)
     assert all(full.state[p]["exp_avg_sq"].shape == p.shape for p in params)
+    half = LeanAdam(params, first_moment_dtype="bfloat16", second_moment_dtype="bfloat16")
+    _run(half, params, steps=1)
+    assert all(half.state[p]["exp_avg_sq"].dtype == torch.bfloat16 for p in params)
     no_first = LeanAdam(params, betas=(0.0, 0.999))
     _run(no_first, params, steps=1)
     assert not any("exp_avg" in s for s in no_first.state.values())
@@ -96,6 +100,46 @@ def test_bf16_first_moment_steps_like_adam():
     assert (lean - adam).abs().max() < 0.02  # in units of lr
 
 
+def test_stochastic_rounding_to_bfloat16_is_unbiased():
+    x = torch.full((100_000,), 1.001)  # nearest bfloat16: 1.0, next one up 1.0078125
+    rounded = round_to_bfloat16_stochastically_(x.clone(), seed=3)
+    assert set(rounded.unique().tolist()) == {1.0, 1.0078125}
+    assert torch.equal(rounded, rounded.to(torch.bfloat16).float())  # bfloat16 values
+    assert abs(rounded.mean().item() - 1.001) < 2e-5  # nearest rounding is 1e-3 off
+    again = round_to_bfloat16_stochastically_(x.clone(), seed=3)
+    assert torch.equal(rounded, again)  # the seed fixes the noise
+
+
+def test_bf16_moments_step_like_adam_on_mask_shaped_gradients():
+    """method=piggyback_lean's setting: both moments in bfloat16 (the second one
+    stochastically rounded: its 0.1 % updates are below bfloat16's resolution), over 300
+    steps of g = noise * W (mask gradients are dL/dW_eff * W)."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(64, 32, generator=gen)
+    grads = [torch.randn(64, 32, generator=gen) * weight * 1e-6 for _ in range(300)]
+
+    def steps(make):
+        p = torch.nn.Parameter(torch.full((64, 32), 1e-2))
+        opt, out = make([p]), []
+        for g in grads:
+            before = p.detach().clone()
+            p.grad = g.clone()
+            opt.step()
+            out.append((p.detach() - before) / 1e-4)
+        return torch.stack(out), p.detach()
+
+    torch.manual_seed(0)
+    adam, adam_end = steps(lambda ps: torch.optim.Adam(ps, lr=1e-4))
+    lean, lean_end = steps(
+        lambda ps: LeanAdam(
+            ps, lr=1e-4, first_moment_dtype="bfloat16", second_moment_dtype="bfloat16"
+        )
+    )
+    assert (lean - adam).abs().max() < 0.05  # each step, in units of lr
+    assert (lean - adam).abs().sum() < 0.02 * adam.abs().sum()
+    assert (lean_end - adam_end).abs().max() < 1e-4  # drift after 300 steps: < 1 lr
+
+
 def test_factored_second_moment_is_not_adam_like_on_mask_shaped_gradients():
     """Why it is not the preset: g = dL/dW_eff * W is far from rank one in g**2, and the
     factored estimate then gives some weights many times Adam's step (docstring)."""
@@ -112,12 +156,14 @@ def test_factored_second_moment_is_not_adam_like_on_mask_shaped_gradients():
     assert biggest > 3.0
 
 
-def test_checkpoint_round_trip_continues_bit_identically():
+@pytest.mark.parametrize("second", [None, "bfloat16"])
+def test_checkpoint_round_trip_continues_bit_identically(second):
     params = _params()
-    opt = LeanAdam(params, lr=1e-3, first_moment_dtype=torch.bfloat16)
+    kw = {"lr": 1e-3, "first_moment_dtype": torch.bfloat16, "second_moment_dtype": second}
+    opt = LeanAdam(params, **kw)
     _run(opt, params, steps=3)
     saved_params = copy.deepcopy(params)
-    resumed = LeanAdam(saved_params, lr=1e-3, first_moment_dtype=torch.bfloat16)
+    resumed = LeanAdam(saved_params, **kw)
     resumed.load_state_dict(copy.deepcopy(opt.state_dict()))
     _run(opt, params, steps=3, seed=7)
     _run(resumed, saved_params, steps=3, seed=7)
@@ -134,6 +180,7 @@ def test_checkpoint_round_trip_continues_bit_identically():
         ({"first_moment_dtype": "int8"}, "first_moment_dtype"),
         ({"first_moment_dtype": "bfloat17"}, "first_moment_dtype"),
         ({"second_moment": "diagonal"}, "second_moment"),
+        ({"second_moment_dtype": "float16"}, "second_moment_dtype"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, match):
