@@ -30,6 +30,18 @@ def _run(optimizer, params, steps: int, seed: int = 1, grads=None) -> None:
         optimizer.zero_grad()
 
 
+def _steps_in_lr(make, init: torch.Tensor, grads, lr: float = 1e-4):
+    """Each step's change of one parameter, in units of ``lr``, and where it ends."""
+    p = torch.nn.Parameter(init.clone())
+    opt, out = make([p]), []
+    for g in grads:
+        before = p.detach().clone()
+        p.grad = g.clone()
+        opt.step()
+        out.append((p.detach() - before) / lr)
+    return torch.stack(out), p.detach()
+
+
 def test_defaults_are_adam():
     ours, ref = _params(), _params()
     _run(LeanAdam(ours, lr=1e-3), ours, steps=20)
@@ -84,18 +96,10 @@ def test_bf16_first_moment_steps_like_adam():
     noise = torch.randn(20, 64, 32, generator=torch.Generator().manual_seed(0))
     noise *= torch.logspace(-9, -3, 32)  # gradients over six orders of magnitude
 
-    def steps(make):
-        p = torch.nn.Parameter(init.clone())
-        opt, out = make([p]), []
-        for g in noise:
-            before = p.detach().clone()
-            p.grad = g.clone()
-            opt.step()
-            out.append((p.detach() - before) / 1e-4)
-        return torch.stack(out)
-
-    adam = steps(lambda ps: torch.optim.Adam(ps, lr=1e-4))
-    lean = steps(lambda ps: LeanAdam(ps, lr=1e-4, first_moment_dtype="bfloat16"))
+    adam, _ = _steps_in_lr(lambda ps: torch.optim.Adam(ps, lr=1e-4), init, noise)
+    lean, _ = _steps_in_lr(
+        lambda ps: LeanAdam(ps, lr=1e-4, first_moment_dtype="bfloat16"), init, noise
+    )
     assert adam.abs().max() < 1.5  # Adam: about lr per step at any gradient size
     assert (lean - adam).abs().max() < 0.02  # in units of lr
 
@@ -105,9 +109,25 @@ def test_stochastic_rounding_to_bfloat16_is_unbiased():
     rounded = round_to_bfloat16_stochastically_(x.clone(), seed=3)
     assert set(rounded.unique().tolist()) == {1.0, 1.0078125}
     assert torch.equal(rounded, rounded.to(torch.bfloat16).float())  # bfloat16 values
-    assert abs(rounded.mean().item() - 1.001) < 2e-5  # nearest rounding is 1e-3 off
+    # 8192 independent draws per call (NOISE_PERIOD): std of the mean 0.0078 *
+    # sqrt(0.128 * 0.872 / 8192) = 2.9e-5; nearest rounding is 1e-3 off
+    assert abs(rounded.mean().item() - 1.001) < 1.5e-4
     again = round_to_bfloat16_stochastically_(x.clone(), seed=3)
     assert torch.equal(rounded, again)  # the seed fixes the noise
+
+
+def test_stochastic_rounding_is_unbiased_for_every_element_over_steps():
+    """Each step (seed) draws one table of noise, tiled over the tensor: every element's
+    rounding must still average to its value over steps, whatever its index."""
+    x = torch.full((20_000,), 1.001)  # two whole periods of the noise table and a tail
+    picked = torch.tensor([0, 1, 777, 8191, 8192, 16_384, 19_999])
+    total = torch.zeros(len(picked), dtype=torch.float64)
+    for seed in range(2000):
+        total += round_to_bfloat16_stochastically_(x.clone(), seed=seed)[picked]
+    # per-element std of the mean over 2000 steps: 0.0078 * sqrt(0.128 * 0.872 / 2000)
+    assert (total / 2000 - 1.001).abs().max() < 3e-4  # nearest rounding is 1e-3 off
+    with pytest.raises(ValueError, match="contiguous float32"):
+        round_to_bfloat16_stochastically_(torch.ones(4, 4).t(), seed=0)
 
 
 def test_bf16_moments_step_like_adam_on_mask_shaped_gradients():
@@ -118,22 +138,15 @@ def test_bf16_moments_step_like_adam_on_mask_shaped_gradients():
     weight = torch.randn(64, 32, generator=gen)
     grads = [torch.randn(64, 32, generator=gen) * weight * 1e-6 for _ in range(300)]
 
-    def steps(make):
-        p = torch.nn.Parameter(torch.full((64, 32), 1e-2))
-        opt, out = make([p]), []
-        for g in grads:
-            before = p.detach().clone()
-            p.grad = g.clone()
-            opt.step()
-            out.append((p.detach() - before) / 1e-4)
-        return torch.stack(out), p.detach()
-
+    init = torch.full((64, 32), 1e-2)
     torch.manual_seed(0)
-    adam, adam_end = steps(lambda ps: torch.optim.Adam(ps, lr=1e-4))
-    lean, lean_end = steps(
+    adam, adam_end = _steps_in_lr(lambda ps: torch.optim.Adam(ps, lr=1e-4), init, grads)
+    lean, lean_end = _steps_in_lr(
         lambda ps: LeanAdam(
             ps, lr=1e-4, first_moment_dtype="bfloat16", second_moment_dtype="bfloat16"
-        )
+        ),
+        init,
+        grads,
     )
     assert (lean - adam).abs().max() < 0.05  # each step, in units of lr
     assert (lean - adam).abs().sum() < 0.02 * adam.abs().sum()

@@ -66,21 +66,38 @@ def _dtype(name: str, value: torch.dtype | str | None) -> torch.dtype | None:
     return dtype
 
 
+NOISE_PERIOD = 8192
+"""Length of one step's table of rounding noise, tiled over a tensor."""
+
+
 def round_to_bfloat16_stochastically_(x: torch.Tensor, seed: int) -> torch.Tensor:
     """Round float32 ``x`` in place to a neighbouring bfloat16 value, up with probability
     equal to the distance from the lower one (so ``E[round(x)] = x``).
 
     bfloat16 is float32's upper 16 bits: adding 16 uniform random low bits to the integer
     view and clearing the low half rounds up exactly when the carry reaches bit 16. torch
-    has no stochastic-rounding cast; this is two integer passes over ``x``. Finite,
-    non-negative inputs (a second moment); ``x`` stays float32, holding bfloat16 values.
+    has no stochastic-rounding cast. The noise is a table of ``NOISE_PERIOD`` uniform
+    16-bit values drawn from ``seed``, tiled over ``x`` by a broadcast add: element ``i``
+    gets ``table[i % NOISE_PERIOD]``, uniform, and a fresh table per seed (per step) makes
+    each element's rounding independent from step to step; elements ``NOISE_PERIOD`` apart
+    share their noise within one call, which leaves every one unbiased. Why a table: torch's
+    CPU generator is a Mersenne twister, and a random number per element cost 64 ms a step
+    on ResNet-18's 11.7 M mask weights (1 thread), more than Adam's whole step (42 ms); the
+    table costs 0.5 ms. Finite, non-negative, contiguous inputs (a second moment); ``x``
+    stays float32, holding bfloat16 values.
     """
-    bits = x.view(torch.int32)
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError("round_to_bfloat16_stochastically_ takes a contiguous float32 tensor")
+    bits = x.view(torch.int32).view(-1)
     generator = torch.Generator(device=x.device).manual_seed(seed)
     noise = torch.randint(
-        0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator
+        0, 1 << 16, (NOISE_PERIOD,), dtype=torch.int32, device=x.device, generator=generator
     )
-    return bits.add_(noise).bitwise_and_(-(1 << 16)).view(torch.float32)
+    whole = bits.numel() - bits.numel() % NOISE_PERIOD
+    bits[:whole].view(-1, NOISE_PERIOD).add_(noise)
+    bits[whole:].add_(noise[: bits.numel() - whole])
+    bits.bitwise_and_(-(1 << 16))
+    return x
 
 
 def _factored(shape: torch.Size) -> bool:
@@ -193,30 +210,32 @@ class LeanAdam(torch.optim.Optimizer):
                 grad = p.grad
                 if group["weight_decay"]:
                     grad = grad.add(p, alpha=group["weight_decay"])
-                bias2 = 1 - beta2**t
+                # Adam's sqrt(v / bias2) + eps as (sqrt(v) + eps * root2) / root2, the 1 /
+                # root2 folded into the step size: one pass over the weights fewer
+                root2 = math.sqrt(1 - beta2**t)
                 if "exp_avg_sq_row" in state:
                     grad2d = grad.reshape(grad.shape[0], -1)
                     row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
                     buffer = grad2d.float().square()  # reused below for sqrt(v_hat)
                     row.lerp_(buffer.mean(dim=1), 1 - beta2)
                     col.lerp_(buffer.mean(dim=0), 1 - beta2)
-                    # sqrt(v_hat) = sqrt(outer(row, col) / mean(row) / bias2): the square
-                    # root of an outer product is the outer product of the square roots, so
-                    # the weight-sized tensor is written once, into the buffer
-                    scale = (row.mean().clamp_min(1e-30) * bias2).rsqrt()
+                    # sqrt(v) = sqrt(outer(row, col) / mean(row)): the square root of an
+                    # outer product is the outer product of the square roots, so the
+                    # weight-sized tensor is written once, into the buffer
+                    scale = row.mean().clamp_min(1e-30).rsqrt()
                     torch.outer(row.sqrt().mul_(scale), col.sqrt(), out=buffer)
                     denom = buffer.view(grad.shape)
                 elif state["exp_avg_sq"].dtype == grad.dtype:
                     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    denom = (state["exp_avg_sq"] / bias2).sqrt_()
+                    denom = state["exp_avg_sq"].sqrt()
                 else:
                     exp_avg_sq = state["exp_avg_sq"].float()
                     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                     seed = state["rounding_seed"] + t
                     round_to_bfloat16_stochastically_(exp_avg_sq, seed)
                     state["exp_avg_sq"].copy_(exp_avg_sq)  # exact: already bf16 values
-                    denom = exp_avg_sq.div_(bias2).sqrt_()
-                denom.add_(group["eps"])
+                    denom = exp_avg_sq.sqrt_()
+                denom.add_(group["eps"] * root2)
                 if "exp_avg" in state:
                     exp_avg = state["exp_avg"]
                     # mixed-dtype in-place ops are 5-40x slower on CPU than a conversion:
@@ -225,8 +244,8 @@ class LeanAdam(torch.optim.Optimizer):
                     mean.lerp_(grad, 1 - beta1)
                     if mean is not exp_avg:
                         exp_avg.copy_(mean)
-                    numer, step_size = mean, group["lr"] / (1 - beta1**t)
+                    numer, step_size = mean, group["lr"] * root2 / (1 - beta1**t)
                 else:
-                    numer, step_size = grad, group["lr"]
+                    numer, step_size = grad, group["lr"] * root2
                 p.addcdiv_(numer, denom, value=-step_size)
         return loss
