@@ -175,11 +175,10 @@ class Trainee:
         self.module.setup("fit")  # channels_last conversion, as Lightning would do it
         self.module.train()
         if compiled:
-            # The Lightning way (what model.compile=true does before trainer.fit):
-            # torch.compile, then Lightning's from_compiled keeps the LightningModule.
-            from lightning.pytorch.utilities.compile import from_compiled
+            # The Lightning way, what model.compile=true does before trainer.fit
+            from piggyback.training.task import compile_module
 
-            self.module = from_compiled(torch.compile(self.module))
+            self.module = compile_module(self.module, getattr(args, "compile_options", None))
         self.optimizer = self.module.configure_optimizers()
         self.device = args.device
         self.autocast = (
@@ -662,7 +661,7 @@ def bench_compile(args: argparse.Namespace) -> None:
         f"{med_ms(times, 'compiled piggyback'):.1f} ms vs "
         f"{med_ms(times, 'compiled finetune'):.1f} ms; {shape}; torch.compile of the "
         f"LightningModule (model.compile=true), optimizer eager; first-step losses equal to "
-        f"eager: {equal}; mask op: {args.compile_mask}",
+        f"eager: {equal}; mask op: {args.compile_mask}; options: {args.compile_options or {}}",
     )
     ft_compile = compile_s["finetune"] - statistics.median(times["compiled finetune"])
     pb_compile = compile_s["piggyback"] - statistics.median(times["compiled piggyback"])
@@ -795,6 +794,17 @@ def bench_faults(args: argparse.Namespace) -> None:
     )
 
 
+def _compile_option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with a JSON value where it parses (false, 3, "x"), else the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        sys.exit(f"--compile-option {text!r}: expected KEY=VALUE, e.g. layout_optimization=false")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -821,6 +831,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="ste",
         help="what torch.compile traces for W*M: the plain-op straight-through form "
         "(default, what the package does) or the eager autograd Function (for comparison)",
+    )
+    p.add_argument(
+        "--compile-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an Inductor option for the compiled variants, as model.compile_options "
+        "(e.g. layout_optimization=false); repeatable",
     )
     p.add_argument(
         "--step-in-backward",
@@ -862,6 +880,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.precision = args.precision or ("bf16" if cuda else "fp32")
     args.channels_last = cuda if args.channels_last is None else args.channels_last
     args.rounds = args.rounds or (3 if args.quick else (15 if not cuda else 30))
+    args.compile_options = dict(_compile_option(o) for o in args.compile_option) or None
     args.warmup = 1 if args.quick else 3
     args.num_classes = 200
     args.infer_batch = args.batch

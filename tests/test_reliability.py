@@ -14,7 +14,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from piggyback.train import run, train
+from piggyback.instantiate import build
+from piggyback.module import PiggybackModule
+from piggyback.train import build_module, run, train
 from piggyback.validate import ConfigError, check_channels, check_config, check_task_name
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +52,9 @@ CASES = {
     "mask.grad_rescale=x": "mask.grad_rescale='x' is not valid; "
     "choose one of none, average, individual",
     "data.batch_size=0": "data.batch_size must be a positive integer, got 0",
+    "+model.compile_options.bogus=1": "model.compile_options.bogus is not an Inductor option "
+    "(torch._inductor.config; e.g. layout_optimization, max_autotune)",
+    "model.compile_options=3": "model.compile_options must be a mapping of Inductor options, got 3",
 }
 
 
@@ -77,6 +82,16 @@ def test_step_in_backward_refuses_what_needs_gradients_after_backward(make_cfg, 
     cfg = make_cfg(*TINY, *overrides)
     with pytest.raises(ConfigError, match=match):
         check_config(cfg, [cfg.data])
+
+
+def test_compile_options_pass_the_checks_and_reach_torch_compile(make_cfg, monkeypatch):
+    cfg = make_cfg(*TINY, "model.compile=true", "+model.compile_options.layout_optimization=false")
+    check_config(cfg, [cfg.data])
+    seen, real = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: seen.append(kw) or real(m, **kw))
+    module = build_module(cfg, build(cfg.data))  # torch.compile is lazy: nothing compiles yet
+    assert seen == [{"options": {"layout_optimization": False}}]
+    assert isinstance(module, PiggybackModule)  # from_compiled keeps the LightningModule
 
 
 def test_lean_piggyback_config_passes_the_checks(make_cfg):

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 from omegaconf import DictConfig
 from torch import nn
 
@@ -66,6 +67,7 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
     except ValueError as exc:
         raise ConfigError(f"method: {exc}") from None
     _check_step_in_backward(cfg, method)
+    _check_compile_options(cfg)
     names = []
     for data_cfg in task_cfgs:
         name = check_task_name(data_cfg.get("task_name"))
@@ -88,6 +90,23 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
         check_output_folder(
             Path(cfg.paths.output_dir), names, cfg.get("save_artifacts", True), cfg.get("resume")
         )
+
+
+def _check_compile_options(cfg: DictConfig) -> None:
+    """``model.compile_options`` go to ``torch.compile(options=...)``, which would refuse an
+    unknown one only when the first task is built, with a message listing all 600 options."""
+    options = (cfg.get("model") or {}).get("compile_options") or {}
+    if not isinstance(options, dict | DictConfig):
+        raise ConfigError(
+            f"model.compile_options must be a mapping of Inductor options, got {options!r}"
+        )
+    known = inductor_config.get_config_copy()
+    for name in options:
+        if name not in known:
+            raise ConfigError(
+                f"model.compile_options.{name} is not an Inductor option (torch._inductor."
+                "config; e.g. layout_optimization, max_autotune)"
+            )
 
 
 def _check_step_in_backward(cfg: DictConfig, method: Method) -> None:

@@ -25,7 +25,14 @@ from piggyback.training.interrupt import fit_or_interrupt
 from piggyback.training.run_folder import RunFolder
 from piggyback.validate import check_channels, check_resume
 
-__all__ = ["build_module", "export_artifact", "prepare_task", "scalar_metrics", "train_task"]
+__all__ = [
+    "build_module",
+    "compile_module",
+    "export_artifact",
+    "prepare_task",
+    "scalar_metrics",
+    "train_task",
+]
 
 
 def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> PiggybackModule:
@@ -47,8 +54,23 @@ def build_module(cfg: DictConfig, datamodule: TaskDataModule) -> PiggybackModule
         recompute_masked_weights=cfg.model.get("recompute_masked_weights", False),
     )
     if cfg.model.get("compile", False):
-        module = from_compiled(torch.compile(module))
+        module = compile_module(module, to_dict(cfg.model.get("compile_options")) or None)
     return module
+
+
+def compile_module(
+    module: PiggybackModule, options: dict[str, Any] | None = None
+) -> PiggybackModule:
+    """``torch.compile(module, options=options)`` kept a LightningModule (``from_compiled``).
+
+    ``options`` are Inductor's (``model.compile_options``). On CPU Inductor's
+    ``layout_optimization`` (on by default) runs convolutions channels-last and so transposes
+    every masked weight ``W * M``, and a copy of ``W`` for the backward, at every step:
+    ``layout_optimization: false`` took the compiled Piggyback step from 1.13x to 1.05x the
+    compiled fine-tuning step (benchmarks/README.md, "torch.compile"). Unknown options are
+    refused before any work starts (``piggyback.validate.check_config``).
+    """
+    return from_compiled(torch.compile(module, options=options))
 
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
