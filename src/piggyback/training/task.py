@@ -67,8 +67,8 @@ def compile_module(
     ``layout_optimization`` (on by default) runs convolutions channels-last and so transposes
     every masked weight ``W * M``, and a copy of ``W`` for the backward, at every step:
     ``layout_optimization: false`` took the compiled Piggyback step from 1.13x to 1.05x the
-    compiled fine-tuning step (benchmarks/README.md, "torch.compile"). Unknown options are
-    refused before any work starts (``piggyback.validate.check_config``).
+    compiled fine-tuning step at batch 16, 96 px (benchmarks/README.md, "torch.compile").
+    Unknown options are refused before any work starts (``piggyback.validate.check_config``).
     """
     return from_compiled(torch.compile(module, options=options))
 
