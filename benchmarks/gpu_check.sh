@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The GPU check, ready to run on a machine with one CUDA device (about 5 minutes):
+# The GPU check, ready to run on a machine with one CUDA device (about 6 minutes):
 #   bash benchmarks/gpu_check.sh [DATA_DIR]      (DATA_DIR: holds cifar10_small/; default
 #                                                 $PIGGYBACK_DATA, else ../shared/data)
 # 1. the suite's gpu-marked tests; 2. benchmarks/run.py on cuda (ResNet-50, 224 px, bf16
 # autocast, channels_last: training step ratios, inference, task switch, memory); 3. one epoch
 # of the offline ImageNet backbone on the CIFAR-10 subset with trainer=gpu (bf16-mixed).
-# Every figure is one line; the summary at the end repeats the lines that carry a number.
-# Not yet measured here: torch.compile (issue 19 keeps it open).
+# 2b. the compile section again with layout_optimization=false: on CPU it took compiled
+# Piggyback from 1.13x to 1.05x compiled fine-tuning (benchmarks/README.md, "torch.compile");
+# the GPU trade decides whether model.compile_options should default to it there.
+# Every figure is one line (about 6 minutes in all).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +26,10 @@ timeout 120 pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -3
 
 echo "== 2/3 benchmarks/run.py --device cuda"
 timeout 150 python benchmarks/run.py --device cuda --quick 2>&1 | tee "$OUT/bench.txt" | grep " = "
+
+echo "== 2b/3 torch.compile without Inductor's layout optimization (decides model.compile_options for GPUs)"
+timeout 100 python benchmarks/run.py --device cuda --quick --only compile \
+  --compile-option layout_optimization=false 2>&1 | tee "$OUT/bench_compile_nolayout.txt" | grep " = "
 
 echo "== 3/3 one epoch, efficientnet_lite0 on cifar10_small, trainer=gpu"
 if [ -d "$DATA/cifar10_small" ]; then
