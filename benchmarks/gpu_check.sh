@@ -3,12 +3,12 @@
 #   bash benchmarks/gpu_check.sh [DATA_DIR]      (DATA_DIR: holds cifar10_small/; default
 #                                                 $PIGGYBACK_DATA, else ../shared/data)
 # 1. the suite's gpu-marked tests; 2. benchmarks/run.py on cuda (ResNet-50, 224 px, bf16
-# autocast, channels_last: training step ratios, inference, task switch, memory); 3. one epoch
-# of the offline ImageNet backbone on the CIFAR-10 subset with trainer=gpu (bf16-mixed).
-# 2b. the compile section again with layout_optimization=false: on CPU it took compiled
-# Piggyback from 1.13x to 1.05x compiled fine-tuning (benchmarks/README.md, "torch.compile");
-# the GPU trade decides whether model.compile_options should default to it there.
-# Every figure is one line (about 6 minutes in all).
+# autocast, channels_last: training step ratios, compile, inference, task switch, memory);
+# 2b. its compile section again with layout_optimization=false (on CPU it took compiled
+# Piggyback from 1.13x to 1.05x compiled fine-tuning, benchmarks/README.md "torch.compile";
+# the GPU trade decides whether model.compile_options should default to it there); 3. one
+# epoch of the offline ImageNet backbone on the CIFAR-10 subset with trainer=gpu (bf16-mixed).
+# Every figure is one line.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
