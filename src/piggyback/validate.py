@@ -94,7 +94,7 @@ def check_config(cfg: DictConfig, task_cfgs: list[DictConfig]) -> None:
 
 def _check_compile_options(cfg: DictConfig) -> None:
     """``model.compile_options`` go to ``torch.compile(options=...)``, which would refuse an
-    unknown one only when the first task is built, with a message listing all 600 options."""
+    unknown one only when the first task is built, with a message listing every option."""
     options = (cfg.get("model") or {}).get("compile_options") or {}
     if not isinstance(options, dict | DictConfig):
         raise ConfigError(
