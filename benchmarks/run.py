@@ -615,11 +615,38 @@ def bench_memory(args: argparse.Namespace) -> None:
 COMPILED = ("piggyback", "finetune")
 
 
+def count_saved_bools_as_float() -> None:
+    """Diagnostic only (``--bool-saves-as-float``): AOTAutograd's min-cut partitioner weighs a
+    saved bool tensor at 4 bytes per element instead of 1.
+
+    The partitioner prefers saving a ReLU's bool mask ``y <= 0`` (1 byte) to saving ``y``
+    (4 bytes). Inductor's CPU code stores bool vectors through a generic conversion, about
+    25x slower than a float store (ResNet-18's stem at batch 16, 96 px: a 45 ms kernel that is
+    14 ms without the bool), so on CPU the cheaper-to-keep mask costs time. This patches a
+    private torch function in the benchmark's child process only; the package never does.
+    """
+    import torch._functorch.partitioners as partitioners
+
+    nbytes = getattr(partitioners, "_tensor_nbytes", None)
+    if nbytes is None:
+        sys.exit(
+            "--bool-saves-as-float: torch._functorch.partitioners._tensor_nbytes is gone in "
+            f"torch {torch.__version__}; the diagnostic needs updating"
+        )
+
+    def as_float(numel: int, dtype: torch.dtype) -> int:
+        return nbytes(numel, torch.float32 if dtype == torch.bool else dtype)
+
+    partitioners._tensor_nbytes = as_float
+
+
 def compile_child(args: argparse.Namespace) -> None:
     """Eager and compiled training steps of both methods, in one fresh process whose
     Inductor cache is empty (set by :func:`bench_compile`), so compile times are real."""
     from piggyback.nn import threshold
 
+    if args.bool_saves_as_float:
+        count_saved_bools_as_float()
     if args.compile_mask == "function":  # what the compiler would see without the STE ops
         threshold.traceable_masked_weight = lambda w, m, t, k, r: threshold._MaskedWeight.apply(
             w, m, t, k, r, False
@@ -661,7 +688,8 @@ def bench_compile(args: argparse.Namespace) -> None:
         f"{med_ms(times, 'compiled piggyback'):.1f} ms vs "
         f"{med_ms(times, 'compiled finetune'):.1f} ms; {shape}; torch.compile of the "
         f"LightningModule (model.compile=true), optimizer eager; first-step losses equal to "
-        f"eager: {equal}; mask op: {args.compile_mask}; options: {args.compile_options or {}}",
+        f"eager: {equal}; mask op: {args.compile_mask}; options: {args.compile_options or {}}"
+        + ("; saved bools weighed as float (diagnostic)" if args.bool_saves_as_float else ""),
     )
     ft_compile = compile_s["finetune"] - statistics.median(times["compiled finetune"])
     pb_compile = compile_s["piggyback"] - statistics.median(times["compiled piggyback"])
@@ -839,6 +867,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="an Inductor option for the compiled variants, as model.compile_options "
         "(e.g. layout_optimization=false); repeatable",
+    )
+    p.add_argument(
+        "--bool-saves-as-float",
+        action="store_true",
+        help="diagnostic for the compile section: the partitioner weighs saved bool tensors "
+        "as float, so it keeps ReLU outputs instead of their bool masks (whose stores are "
+        "slow in Inductor's CPU code); patches a private torch function in the child only",
     )
     p.add_argument(
         "--step-in-backward",
