@@ -11,7 +11,7 @@
 # 3. its compile section (compiled vs eager, compile time);
 # 4. one epoch of the offline ImageNet backbone on the CIFAR-10 subset, trainer=gpu;
 # 5. the compile section again with layout_optimization=false (on CPU it took compiled
-#    Piggyback from 1.13x to 1.05x compiled fine-tuning, benchmarks/README.md "torch.compile";
+#    Piggyback from 1.13-1.18x to 1.05-1.10x compiled fine-tuning, benchmarks/README.md "torch.compile";
 #    the GPU trade decides whether model.compile_options should default to it there).
 # Every figure is one line; a step cut off by its time keeps the lines it printed.
 set -uo pipefail

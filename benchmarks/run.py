@@ -620,10 +620,12 @@ def count_saved_bools_as_float() -> None:
     saved bool tensor at 4 bytes per element instead of 1.
 
     The partitioner prefers saving a ReLU's bool mask ``y <= 0`` (1 byte) to saving ``y``
-    (4 bytes). Inductor's CPU code stores bool vectors through a generic conversion, about
-    25x slower than a float store (ResNet-18's stem at batch 16, 96 px: a 45 ms kernel that is
-    14 ms without the bool), so on CPU the cheaper-to-keep mask costs time. This patches a
-    private torch function in the benchmark's child process only; the package never does.
+    (4 bytes). Inductor's CPU code stores bool vectors through a generic conversion: the
+    stem's 2.4 M-value mask adds about 25 ms to a kernel that takes under 1 ms without it
+    (``benchmarks/inductor_bool_store.py``; ResNet-18's stem at batch 16, 96 px: a 45 ms
+    kernel that is 14 ms without the bool), so on CPU the cheaper-to-keep mask costs time.
+    This patches a private torch function in the benchmark's child process only; the
+    package never does.
     """
     import torch._functorch.partitioners as partitioners
 

@@ -66,8 +66,9 @@ def compile_module(
     ``options`` are Inductor's (``model.compile_options``). On CPU Inductor's
     ``layout_optimization`` (on by default) runs convolutions channels-last and so transposes
     every masked weight ``W * M``, and a copy of ``W`` for the backward, at every step:
-    ``layout_optimization: false`` took the compiled Piggyback step from 1.13x to 1.05x the
-    compiled fine-tuning step at batch 16, 96 px (benchmarks/README.md, "torch.compile").
+    ``layout_optimization: false`` took the compiled Piggyback step from 1.13-1.18x to
+    1.05-1.10x the compiled fine-tuning step at batch 16, 96 px (benchmarks/README.md,
+    "torch.compile").
     Unknown options are refused before any work starts (``piggyback.validate.check_config``).
     """
     return from_compiled(torch.compile(module, options=options))
