@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from piggyback.metrics import scores_against_reference
+from piggyback.scores.decathlon import scores_against_reference
 
 NEAR_IMAGENET = ("cifar10_small",)
 
@@ -178,7 +178,7 @@ def paper_table(
     tasks, S, bytes per task (mean over the domains) and for all of them, training seconds
     per task (mean over the domains), BWT of the whole sequence. S is the Visual Decathlon
     score (Rebuffi et al. 2017) over the domains with ``reference``'s accuracies as the
-    baseline (``piggyback.metrics.scores_against_reference``): the reference scores 250 per
+    baseline (``piggyback.scores.decathlon.scores_against_reference``): the reference scores 250 per
     domain by construction.
     """
     order = [reference, *sorted(m for m in best if m != reference)]

@@ -139,7 +139,7 @@ class Trainee:
     def __init__(
         self, method: str, args: argparse.Namespace, *, fused: bool = False, compiled: bool = False
     ) -> None:
-        from piggyback.module import PiggybackModule
+        from piggyback.models.module import PiggybackModule
 
         cfg = method_config(method)
         optimizer = dict(cfg["optimizer"])
@@ -418,7 +418,7 @@ def bench_inference(args: argparse.Namespace) -> None:
 def bench_switch_and_artifacts(args: argparse.Namespace) -> None:
     from piggyback.formats import load_artifact, save_artifact
     from piggyback.methods import apply_artifact
-    from piggyback.module import PiggybackModule
+    from piggyback.models.module import PiggybackModule
     from piggyback.nn.convert import get_masks
 
     device = torch.device("cpu") if args.switch_device == "cpu" else args.device
@@ -774,8 +774,8 @@ def bench_faults(args: argparse.Namespace) -> None:
 
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-    from piggyback.checkpoint_io import AtomicCheckpointIO
-    from piggyback.finite_loss import FiniteLossCheck
+    from piggyback.training.finite_loss import FiniteLossCheck
+    from piggyback.utils.checkpoint_io import AtomicCheckpointIO
 
     x, y = batch(args)
     trainee = Trainee("piggyback", args)

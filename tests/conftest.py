@@ -23,7 +23,7 @@ def demo_cache() -> Path:
     torchvision's weight cache: the file name carries a hash of the pretraining recipe, so a
     stale file is never reused.
     """
-    from piggyback.demo import default_cache_dir, pretrained_small_cnn_state
+    from piggyback.backbones.demo import default_cache_dir, pretrained_small_cnn_state
 
     cache = default_cache_dir()
     pretrained_small_cnn_state(cache)

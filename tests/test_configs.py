@@ -11,10 +11,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from piggyback.backbones import build_backbone
-from piggyback.instantiate import build, build_all, to_dict
 from piggyback.methods import Method, build_method, method_class
 from piggyback.nn import mask_model, module_masks
 from piggyback.train import CONF_DIR, task_configs
+from piggyback.utils.instantiate import build, build_all, to_dict
 
 CONF = Path(CONF_DIR)
 

@@ -18,10 +18,10 @@ from piggyback.evaluate import evaluate, find_artifact_files, load_entries, run
 from piggyback.formats import load_artifact, save_artifact
 from piggyback.masks.stats import total_sparsity
 from piggyback.methods import apply_artifact, extract_artifact
-from piggyback.metrics import decathlon_domain_scores, decathlon_score
-from piggyback.multitask import state_bytes
+from piggyback.models.multitask import state_bytes
+from piggyback.models.testing import TINY_RUN
 from piggyback.nn.convert import mask_model
-from piggyback.testing import TINY_RUN
+from piggyback.scores.decathlon import decathlon_domain_scores, decathlon_score
 from piggyback.train import train
 
 

@@ -21,14 +21,14 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from piggyback.atomic import atomic_write, atomic_write_stream, atomic_write_text
-from piggyback.checkpoint_io import AtomicCheckpointIO
 from piggyback.data.base import DataError
-from piggyback.finite_loss import FiniteLossCheck, NonFiniteLoss
-from piggyback.instantiate import build
-from piggyback.run_lock import HOLDER_FILE, RunLock, RunLocked
 from piggyback.train import run
-from piggyback.write_errors import WriteError, exists_for_cli
+from piggyback.training.finite_loss import FiniteLossCheck, NonFiniteLoss
+from piggyback.utils.atomic import atomic_write, atomic_write_stream, atomic_write_text
+from piggyback.utils.checkpoint_io import AtomicCheckpointIO
+from piggyback.utils.instantiate import build
+from piggyback.utils.run_lock import HOLDER_FILE, RunLock, RunLocked
+from piggyback.utils.write_errors import WriteError, exists_for_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = (
@@ -467,7 +467,7 @@ def test_nonfinite_loss_warn_trains_on(make_cfg, capsys, monkeypatch):
 
 def test_nonfinite_loss_in_a_multirun_is_a_failed_job(make_cfg, capsys, monkeypatch):
     cfg = _poisoned(make_cfg, monkeypatch)
-    monkeypatch.setattr("piggyback.cli.multirun_job", lambda: "job 3 (method.lr_scale=1)")
+    monkeypatch.setattr("piggyback.config.cli.multirun_job", lambda: "job 3 (method.lr_scale=1)")
     assert run(cfg) is None  # returns: the sweep's other jobs go on
     error = (Path(cfg.paths.output_dir) / "error.txt").read_text()
     assert error.startswith(
@@ -543,7 +543,7 @@ def test_the_check_on_a_gpu_stops_at_the_nan_step():
 
 def _hold_lock(folder: Path) -> subprocess.Popen:
     code = (
-        "import sys, time; from piggyback.run_lock import RunLock; "
+        "import sys, time; from piggyback.utils.run_lock import RunLock; "
         f"lock = RunLock({str(folder)!r}).acquire(); print('held', flush=True); time.sleep(300)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}

@@ -21,71 +21,38 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
+# The layers, lowest first, as the folders of ``src/piggyback`` that make them up: a module's
+# layer is the folder it sits in. The package root holds only ``__init__`` and the two entry
+# modules; any other module at the root, or a folder missing here, fails the test.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # helpers that know nothing of models: atomic writes (and the Lightning checkpoint writer
-    # built on them), the one-run-per-folder lock, Hydra instantiate, config resolvers, the
-    # decathlon score formula, the continual-learning formulas, Lightning's repeated banners
-    # shown once (console)
-    (
-        "base",
-        (
-            "piggyback",
-            "piggyback.write_errors",
-            "piggyback.atomic",
-            "piggyback.checkpoint_io",
-            "piggyback.run_lock",
-            "piggyback.instantiate",
-            "piggyback.resolvers",
-            "piggyback.metrics",
-            "piggyback.cl",
-            "piggyback.console",
-            "piggyback.optim",
-        ),
-    ),
+    # helpers that know nothing of models: atomic writes, the checkpoint writer, the run lock,
+    # Hydra instantiate, resolvers, the console (utils); the decathlon score and the
+    # continual-learning formulas (scores); optimizers (optim)
+    ("base", ("utils", "scores", "optim")),
     # DataModules and plain architectures: know no model, mask or method
-    ("data", ("piggyback.data", "piggyback.nets")),
+    ("data", ("data", "nets")),
     # the registry of pretrained networks (the demo's pretraining uses the digits data)
-    ("backbones", ("piggyback.backbones", "piggyback.demo")),
+    ("backbones", ("backbones",)),
     # mask mechanics: reparametrization, straight-through thresholds, mask_model/materialize
-    ("nn", ("piggyback.nn",)),
+    ("nn", ("nn",)),
     # mask tensors: packing, the rice codec, statistics, plots
-    ("masks", ("piggyback.masks",)),
+    ("masks", ("masks",)),
     # task artifact and bundle files: read, write, validate, fingerprint (knows no method)
-    ("formats", ("piggyback.formats",)),
+    ("formats", ("formats",)),
     # one class per method + registry; applying and extracting artifacts
-    ("methods", ("piggyback.methods",)),
-    # the LightningModule and the multi-task model
-    (
-        "models",
-        (
-            "piggyback.prototypes",  # the pretrained view and the task prototype
-            "piggyback.stored_state",  # a task's stored state in a checkpoint
-            "piggyback.module",
-            "piggyback.multitask",
-            "piggyback.storage",
-            "piggyback.taskinfer",
-        ),
-    ),
-    # the steps that train and evaluate are made of
-    (
-        "steps",
-        (
-            "piggyback.finite_loss",
-            "piggyback.validate",
-            "piggyback.resume",
-            "piggyback.sweep",
-            "piggyback.report",
-            "piggyback.testing",
-            "piggyback.collapse",
-            "piggyback.training",  # train.py's steps: task, sequence, records, run folder, ...
-            "piggyback.evaluation",  # evaluate.py's steps: runs, rebuild, tester, rows
-            "piggyback.cli",  # config folder, user errors, Hydra glue shared by both entries
-            "piggyback.task_report",
-        ),
-    ),
-    # what the entry points call: orchestration only
-    ("entry", ("piggyback.train", "piggyback.evaluate")),
+    ("methods", ("methods",)),
+    # the LightningModule, the multi-task model, task storage, task inference
+    ("models", ("models", "taskinfer")),
+    # the steps train and evaluate are made of, their guards and reports, the config checks
+    ("steps", ("training", "evaluation", "config")),
 ]
+# the only modules allowed at the package root besides ``__init__``: orchestration only
+ENTRY_MODULES = ("train", "evaluate")
+ENTRY = len(LAYERS)
+
+
+def layer_name(index: int) -> str:
+    return "entry" if index == ENTRY else LAYERS[index][0]
 
 
 @dataclass(frozen=True)
@@ -161,21 +128,31 @@ def read_imports(root: Path) -> tuple[dict[str, Path], list[Import]]:
 
 
 def layer_of(module: str) -> int | None:
-    best, best_len = None, -1
-    for index, (_, prefixes) in enumerate(LAYERS):
-        for prefix in prefixes:
-            matches = module == prefix or module.startswith(prefix + ".")
-            if matches and len(prefix) > best_len and (prefix != "piggyback" or module == prefix):
-                best, best_len = index, len(prefix)
-    return best
+    """The layer of a dotted module name, read from its folder (None: it has no layer)."""
+    parts = module.split(".")
+    if parts == ["piggyback"]:
+        return 0
+    if len(parts) == 2 and parts[1] in ENTRY_MODULES:
+        return ENTRY
+    for index, (_, folders) in enumerate(LAYERS):
+        if parts[1] in folders:
+            return index
+    return None
+
+
+def _unplaced(module: str, path: Path) -> str:
+    if module.count(".") == 1 and path.name != "__init__.py":
+        return (
+            f"{module}: a module at the package root; move it into the folder of its layer "
+            f"(only {', '.join(ENTRY_MODULES)} live at the root)"
+        )
+    return f"{module}: folder {module.split('.')[1]!r} has no layer; add it to LAYERS in {__name__}"
 
 
 def violations(root: Path) -> list[str]:
     """Every breach of the rules above, one line each (empty when the tree is clean)."""
     modules, imports = read_imports(root)
-    problems = [
-        f"{m}: assign it a layer in tests/test_layering.py" for m in modules if layer_of(m) is None
-    ]
+    problems = [_unplaced(m, p) for m, p in modules.items() if layer_of(m) is None]
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for imp in imports:
         where = f"{imp.source}:{imp.line}"
@@ -191,8 +168,8 @@ def violations(root: Path) -> list[str]:
         low, high = layer_of(imp.target), layer_of(imp.source)
         if low is not None and high is not None and low > high:
             problems.append(
-                f"{where}: upward import of {imp.target} (layer {LAYERS[low][0]!r}) from layer "
-                f"{LAYERS[high][0]!r}"
+                f"{where}: upward import of {imp.target} (layer {layer_name(low)!r}) from layer "
+                f"{layer_name(high)!r}"
             )
         if imp.target != imp.source:
             graph[imp.source].add(imp.target)
@@ -243,22 +220,24 @@ def test_src_imports_only_downward_with_no_circle():
     assert not problems, "\n".join(problems)
 
 
-def test_every_layer_prefix_names_a_real_module():
-    modules = _modules(SRC)
-    for layer, prefixes in LAYERS:
-        for prefix in prefixes:
-            if prefix in ():  # optional slots for modules still to come
-                continue
-            assert any(m == prefix or m.startswith(prefix + ".") for m in modules), (
-                f"layer {layer!r} lists {prefix}, which does not exist"
-            )
+def test_every_layer_folder_exists_and_every_folder_has_a_layer():
+    package = SRC / "piggyback"
+    folders = {p.name for p in package.iterdir() if (p / "__init__.py").exists()}
+    listed = {f for _, fs in LAYERS for f in fs}
+    assert listed <= folders, f"LAYERS lists folders that do not exist: {listed - folders}"
+    assert folders <= listed, f"folders without a layer: {folders - listed}"
+
+
+def test_package_root_holds_only_the_entry_modules():
+    root = {p.stem for p in (SRC / "piggyback").glob("*.py")}
+    assert root == {"__init__", *ENTRY_MODULES}
 
 
 def test_readme_draws_the_same_layers_in_the_same_order():
     readme = (SRC.parent / "README.md").read_text()
     develop = readme.split("## Develop", 1)[1]
     drawn = re.findall(r"^\d+\. \*\*(\w+)\*\*", develop, flags=re.M)
-    assert drawn == [name for name, _ in LAYERS]
+    assert drawn == [name for name, _ in LAYERS] + ["entry"]
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:
@@ -274,7 +253,9 @@ CLEAN = {
     "nn/__init__.py": "import torch\n",
     "formats/__init__.py": "from piggyback.nn import x\n",
     "methods/__init__.py": "from piggyback.formats import y\n",
-    "module.py": "from piggyback.methods import z\n",
+    "models/__init__.py": "",
+    "models/module.py": "from piggyback.methods import z\n",
+    "train.py": "from piggyback.models.module import m\n",
 }
 
 
@@ -288,10 +269,12 @@ def test_checker_accepts_a_clean_tree(tmp_path):
         ({"formats/__init__.py": "from piggyback.methods import z\n"}, "upward import"),
         ({"formats/__init__.py": "def f():\n    from piggyback.methods import z\n"}, "upward"),
         ({"formats/__init__.py": "def f():\n    from piggyback.nn import x\n"}, "inside a fun"),
-        ({"formats/__init__.py": "if 0:\n    from piggyback.module import m\n"}, "upward"),
+        ({"formats/__init__.py": "if 0:\n    from piggyback.models.module import m\n"}, "upward"),
         ({"nn/__init__.py": "def f():\n    import wandb\n"}, "needs a comment"),
         ({"nn/a.py": "from . import b\n", "nn/b.py": "from piggyback.nn import a\n"}, "circle"),
-        ({"newthing.py": ""}, "assign it a layer"),
+        ({"newthing.py": ""}, "a module at the package root"),
+        ({"newfolder/__init__.py": "", "newfolder/x.py": ""}, "has no layer"),
+        ({"nn/x.py": "from piggyback.train import t\n"}, "upward import"),
     ],
 )
 def test_checker_finds_each_kind_of_breach(tmp_path, files, expected):

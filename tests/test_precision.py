@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from piggyback.module import PiggybackModule
+from piggyback.models.module import PiggybackModule
 from piggyback.nn import mask_model, masked_weights, module_masks
 
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from piggyback.instantiate import build
-from piggyback.module import PiggybackModule
+from piggyback.config.validate import ConfigError, check_channels, check_config, check_task_name
+from piggyback.models.module import PiggybackModule
 from piggyback.train import build_module, run, train
-from piggyback.validate import ConfigError, check_channels, check_config, check_task_name
+from piggyback.utils.instantiate import build
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
@@ -242,7 +242,7 @@ def test_evaluate_on_artifact_with_non_numeric_version_exits_2(make_cfg, tmp_pat
 
 
 def test_every_written_file_gets_the_umask_mode(tmp_path):
-    from piggyback.atomic import atomic_write_text
+    from piggyback.utils.atomic import atomic_write_text
 
     path = _bad_version_file(tmp_path / "t.safetensors")
     mode = 0o666 & ~_current_umask()
@@ -261,7 +261,7 @@ def _current_umask() -> int:
 
 
 def test_resume_from_another_task_method_or_an_artifact_is_refused(tmp_path):
-    from piggyback.validate import check_resume
+    from piggyback.config.validate import check_resume
 
     ckpt = tmp_path / "last.ckpt"
     hp = {"task": "digits_rotated", "method": "piggyback", "backbone": {"name": "small_cnn"}}
@@ -347,7 +347,7 @@ def test_refused_rerun_keeps_the_earlier_runs_hydra_config(tmp_path, demo_cache)
 
 
 def test_fresh_subdir_never_reuses_a_folder(tmp_path):
-    from piggyback.resolvers import fresh_subdir
+    from piggyback.utils.resolvers import fresh_subdir
 
     assert fresh_subdir(str(tmp_path), ".hydra") == ".hydra"
     (tmp_path / ".hydra").mkdir()

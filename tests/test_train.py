@@ -12,10 +12,10 @@ import lightning as L
 import pytest
 import torch
 
+from piggyback.config.validate import ConfigError
 from piggyback.formats import load_artifact
 from piggyback.nn import get_masks
 from piggyback.train import train
-from piggyback.validate import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = (
@@ -218,8 +218,8 @@ def test_cpu_ddp_two_processes_end_with_identical_masks(make_cfg, tmp_path, monk
         "test=false",
         "method.lr.masks=1e-2",  # steps big enough that 3 of them flip some masks
     )
-    from piggyback.instantiate import build
     from piggyback.train import build_module
+    from piggyback.utils.instantiate import build
 
     datamodule = build(cfg.data)
     module = build_module(cfg, datamodule)

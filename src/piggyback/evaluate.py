@@ -6,7 +6,7 @@ into a one-line message and exit code 2.
 
 Artifacts are grouped by *method label* (the method name, made unique per backbone and per
 run when several runs hold the same task), and every group is loaded into one
-:class:`~piggyback.multitask.MultiTaskModel`: what is evaluated is the deployed multi-task
+:class:`~piggyback.models.multitask.MultiTaskModel`: what is evaluated is the deployed multi-task
 model, not each training run's own module. Each task's test data is rebuilt from the
 resolved config stored in its artifact, so evaluation uses the transforms the task was
 trained with, not today's defaults. When that data cannot be rebuilt, the test accuracy
@@ -26,9 +26,16 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from piggyback.cli import CONF_DIR, USER_ERRORS, exit_with_error
-from piggyback.console import OncePerRun
+from piggyback.config.cli import CONF_DIR, USER_ERRORS, exit_with_error
 from piggyback.evaluation.rebuild import build_model, test_loader
+from piggyback.evaluation.report import (
+    SOURCE_TEST,
+    comparison,
+    format_report,
+    log_to_loggers,
+    method_key,
+    safe_name,
+)
 from piggyback.evaluation.rows import (
     add_decathlon_points,
     group_summary,
@@ -44,19 +51,16 @@ from piggyback.evaluation.runs import (
     newest_run_artifacts,
     select_best_by_val,
 )
-from piggyback.evaluation.tester import TaskTester, choose_device, test_accuracy
-from piggyback.multitask import MultiTaskModel, save_bundle
-from piggyback.report import (
-    SOURCE_TEST,
-    comparison,
-    format_report,
-    log_to_loggers,
-    method_key,
-    safe_name,
+from piggyback.evaluation.task_report import (
+    group_task_inference,
+    report_task_inference,
+    strategy_list,
 )
-from piggyback.resolvers import register_resolvers
-from piggyback.run_lock import RunLock
-from piggyback.task_report import group_task_inference, report_task_inference, strategy_list
+from piggyback.evaluation.tester import TaskTester, choose_device, test_accuracy
+from piggyback.models.multitask import MultiTaskModel, save_bundle
+from piggyback.utils.console import OncePerRun
+from piggyback.utils.resolvers import register_resolvers
+from piggyback.utils.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 ``train`` is a pure function of the config (tests and sweeps call it directly); ``main`` is
 the Hydra wrapper that turns known user errors into a one-line message and exit code 2.
-The steps live in :mod:`piggyback.training` (one module each) and :mod:`piggyback.cli`.
+The steps live in :mod:`piggyback.training` (one module each) and :mod:`piggyback.config.cli`.
 """
 
 from __future__ import annotations
@@ -18,19 +18,19 @@ from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from piggyback.cli import CONF_DIR, USER_ERRORS, demo_recipe_note, hydra_choices, user_error
-from piggyback.console import OncePerRun
+from piggyback.config.cli import CONF_DIR, USER_ERRORS, demo_recipe_note, hydra_choices, user_error
+from piggyback.config.validate import ConfigError, check_config
 from piggyback.data.base import TaskDataModule
-from piggyback.instantiate import build
-from piggyback.resolvers import register_resolvers
-from piggyback.run_lock import RunLock
-from piggyback.task_report import check_task_inference, sequence_task_inference
+from piggyback.evaluation.task_report import check_task_inference, sequence_task_inference
 from piggyback.training.interrupt import Interrupted, report_interrupt
 from piggyback.training.records import print_tables, run_summary
 from piggyback.training.run_folder import RunFolder
 from piggyback.training.sequence import AccuracyMatrix, continual_learning, task_configs
 from piggyback.training.task import build_module, train_task
-from piggyback.validate import ConfigError, check_config
+from piggyback.utils.console import OncePerRun
+from piggyback.utils.instantiate import build
+from piggyback.utils.resolvers import register_resolvers
+from piggyback.utils.run_lock import RunLock
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from piggyback.cl import cl_summary
-from piggyback.testing import markdown_rows, paper_table_header
+from piggyback.models.testing import markdown_rows, paper_table_header
+from piggyback.scores.continual import cl_summary
 
 TASKS = ("signs", "tiles", "cifar10_small")
 

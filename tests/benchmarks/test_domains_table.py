@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from piggyback.metrics import scores_against_reference
-from piggyback.testing import markdown_rows, paper_table_header
+from piggyback.models.testing import markdown_rows, paper_table_header
+from piggyback.scores.decathlon import scores_against_reference
 
 KEPT = {"pacs_sketch": 7, "retina": 5}
 DROPPED = ("sign_digits", "gtsrb", "flowers17", "magnetic_tiles")

@@ -18,7 +18,7 @@ from torch import nn
 from piggyback.formats import ArtifactError, fingerprint, load_artifact, save_artifact
 from piggyback.masks import expand_to_weights, total_sparsity
 from piggyback.methods import apply_artifact, extract_artifact
-from piggyback.multitask import MultiTaskModel, masks_in_network_order
+from piggyback.models.multitask import MultiTaskModel, masks_in_network_order
 from piggyback.nn import get_masks, mask_model, masked_weights, num_mask_units
 
 VARIANTS = [

@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from piggyback.config.validate import ConfigError
 from piggyback.data.digits import DigitsDataModule
 from piggyback.formats import ArtifactError, load_artifact
 from piggyback.methods import CPG, apply_artifact, build_method
 from piggyback.methods.ownership import FREE, owner_bits
-from piggyback.multitask import MultiTaskModel
+from piggyback.models.multitask import MultiTaskModel
+from piggyback.models.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.nn import masked_weights, quantize
-from piggyback.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.train import run, train
-from piggyback.validate import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {

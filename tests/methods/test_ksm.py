@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from piggyback.methods import KSM, Piggyback, build_method, method_class
+from piggyback.models.testing import demo_module
 from piggyback.nn import masked_weights
-from piggyback.testing import demo_module
 
 
 def test_ksm_yaml_is_kernel_granular_soft_piggyback(make_cfg):

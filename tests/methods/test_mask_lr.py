@@ -12,8 +12,8 @@ import torch
 
 from piggyback.data.digits import DigitsDataModule
 from piggyback.methods import CPG, KSM, Piggyback
+from piggyback.models.testing import demo_module, quick_trainer
 from piggyback.nn import masked_weights
-from piggyback.testing import demo_module, quick_trainer
 
 
 def test_lr_scale_leaves_the_binary_masks_rate_alone_unless_asked():

@@ -19,10 +19,10 @@ from piggyback.methods import (
     method_class,
 )
 from piggyback.methods.packnet import FREE, owner_bits, pack_codes, unpack_codes
-from piggyback.module import PiggybackModule
-from piggyback.multitask import MultiTaskModel
+from piggyback.models.module import PiggybackModule
+from piggyback.models.multitask import MultiTaskModel
+from piggyback.models.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.nn import masked_weights
-from piggyback.testing import demo_module, logits_on_test_split, quick_trainer
 
 
 def _trainer(root, epochs=2):

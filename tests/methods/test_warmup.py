@@ -10,12 +10,12 @@ import lightning as L
 import pytest
 import torch
 
+from piggyback.config.validate import ConfigError, check_config
 from piggyback.data.digits import DigitsDataModule
-from piggyback.instantiate import to_dict
 from piggyback.methods import Piggyback
-from piggyback.module import PiggybackModule
-from piggyback.testing import demo_module, quick_trainer
-from piggyback.validate import ConfigError, check_config
+from piggyback.models.module import PiggybackModule
+from piggyback.models.testing import demo_module, quick_trainer
+from piggyback.utils.instantiate import to_dict
 
 FAST_LR = {"masks": 1e-3, "head": 1e-3, "bn": 1e-3}
 

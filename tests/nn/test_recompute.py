@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch import nn
 
+from piggyback.models.testing import demo_module
 from piggyback.nn import mask_model, masked_weights, recompute_masked_weights
 from piggyback.nn.recompute import recomputing
-from piggyback.testing import demo_module
 
 
 def _masked_mlp() -> nn.Module:

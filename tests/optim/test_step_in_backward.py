@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from piggyback.data.digits import DigitsDataModule
+from piggyback.models.testing import demo_module, quick_trainer
 from piggyback.nets.small_cnn import small_cnn
 from piggyback.nn import mask_model, mask_parameters, masked_weights
 from piggyback.optim import StepInBackward
-from piggyback.testing import demo_module, quick_trainer
 
 
 def _model():

@@ -22,8 +22,8 @@ from torch import nn
 
 from piggyback.backbones import build_backbone
 from piggyback.formats import load_artifact, save_artifact
-from piggyback.module import PiggybackModule
-from piggyback.multitask import MultiTaskModel
+from piggyback.models.module import PiggybackModule
+from piggyback.models.multitask import MultiTaskModel
 from piggyback.nn import masked_weights
 from piggyback.taskinfer import build_strategy
 

@@ -19,9 +19,9 @@ from piggyback.formats import (
     save_artifact,
     write_checked_file,
 )
-from piggyback.multitask import MultiTaskModel
+from piggyback.models.multitask import MultiTaskModel
+from piggyback.models.testing import demo_module, quick_trainer
 from piggyback.taskinfer import TaskInferenceError, build_strategy, strategy_names
-from piggyback.testing import demo_module, quick_trainer
 
 VARIANTS = ("rotated", "inverted", "mod3")
 STRATEGIES = ("entropy", "max_prob", "oneshot", "prototype")

@@ -21,7 +21,7 @@ from piggyback.backbones.base import (
     remove_classifier,
 )
 from piggyback.backbones.sources import NAMED, SOURCES
-from piggyback.instantiate import build
+from piggyback.utils.instantiate import build
 
 DEMO_BACKBONE = "small_cnn"
 

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from piggyback.backbones.base import IMAGENET_DATA_CONFIG, BackboneError
-from piggyback.demo import pretrained_small_cnn_state
+from piggyback.backbones.demo import pretrained_small_cnn_state
 from piggyback.nets.resnet26 import resnet26
 from piggyback.nets.small_cnn import small_cnn
 

@@ -29,7 +29,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms as T
 
-from piggyback.atomic import atomic_write_text
 from piggyback.data.base import DataError, LoaderOptions, TaskDataModule
 from piggyback.data.decathlon_devkit import (
     Annotations,
@@ -40,14 +39,15 @@ from piggyback.data.decathlon_devkit import (
 from piggyback.data.folders import check_data_folder
 from piggyback.data.images import ImageListDataset
 from piggyback.data.transforms import decathlon_geometry, decathlon_transform
-from piggyback.metrics import DECATHLON_DOMAINS
+from piggyback.scores.decathlon import DECATHLON_DOMAINS
+from piggyback.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 DEVKIT_DIR = "decathlon-1.0"
 STATS_FILE = "decathlon_mean_std.json"
 
-#: Devkit domain names and their class counts (the single table lives in piggyback.metrics).
+#: Devkit domain names and their class counts (the one table: piggyback.scores.decathlon).
 DECATHLON_CLASSES: dict[str, int] = dict(DECATHLON_DOMAINS)
 
 _LAYOUT = (

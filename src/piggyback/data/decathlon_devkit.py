@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from piggyback.atomic import atomic_write_text
 from piggyback.data.base import DataError
+from piggyback.utils.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 

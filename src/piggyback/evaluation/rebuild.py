@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from piggyback.backbones import build_backbone
 from piggyback.evaluation.runs import Entry
 from piggyback.formats import ArtifactError, TaskArtifact
-from piggyback.instantiate import build
-from piggyback.multitask import MultiTaskModel
+from piggyback.models.multitask import MultiTaskModel
+from piggyback.utils.instantiate import build
 
 __all__ = [
     "backbone_config",

@@ -12,19 +12,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from piggyback.atomic import atomic_write_text
 from piggyback.evaluation.rebuild import task_data_config
-from piggyback.evaluation.runs import Entry
-from piggyback.formats import TaskArtifact
-from piggyback.masks.stats import total_sparsity
-from piggyback.metrics import decathlon_domain_scores, decathlon_score, is_decathlon_task
-from piggyback.report import (
+from piggyback.evaluation.report import (
     SOURCE_NONE,
     SOURCE_STORED,
     TABLE_COLUMNS,
     format_comparison,
     write_csv,
 )
+from piggyback.evaluation.runs import Entry
+from piggyback.formats import TaskArtifact
+from piggyback.masks.stats import total_sparsity
+from piggyback.scores.decathlon import decathlon_domain_scores, decathlon_score, is_decathlon_task
+from piggyback.utils.atomic import atomic_write_text
 
 __all__ = [
     "add_decathlon_points",

@@ -1,6 +1,6 @@
 """Testing one task of a deployed multi-task model under ``Trainer.test``.
 
-Evaluation measures the :class:`~piggyback.multitask.MultiTaskModel` that would be shipped,
+Evaluation measures the :class:`~piggyback.models.multitask.MultiTaskModel` that would be shipped,
 not each training run's own module; Lightning handles the device, precision and batch limit.
 """
 
@@ -13,7 +13,7 @@ import torch
 from torchmetrics import SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from piggyback.multitask import MultiTaskModel
+from piggyback.models.multitask import MultiTaskModel
 
 __all__ = ["TaskTester", "choose_device", "test_accuracy"]
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from piggyback.atomic import atomic_write_stream
+from piggyback.utils.atomic import atomic_write_stream
 
 
 class ArtifactError(ValueError):

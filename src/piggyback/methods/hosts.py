@@ -1,8 +1,8 @@
 """What a method's hooks may use of the objects that host it, as structural types.
 
 A method is called by two hosts: the LightningModule that trains tasks
-(``piggyback.module.PiggybackModule``) and the multi-task inference model
-(``piggyback.multitask.MultiTaskModel``). Both sit above the methods layer, so a method never
+(``piggyback.models.module.PiggybackModule``) and the multi-task inference model
+(``piggyback.models.multitask.MultiTaskModel``). Both sit above the methods layer, so a method never
 imports their classes; it is typed against these protocols, which name exactly the small
 objects it touches (the backbone, the current head, the task states, ...). Anything that has
 these attributes can host a method: a test double, or a ``SimpleNamespace`` for exporting.

@@ -22,7 +22,6 @@ from piggyback.formats import (
     fingerprint,
     verify_backbone,
 )
-from piggyback.instantiate import build
 from piggyback.methods.base import REGISTRY, Method
 from piggyback.methods.classifier_only import ClassifierOnly
 from piggyback.methods.cpg import CPG
@@ -30,6 +29,7 @@ from piggyback.methods.finetune import Finetune, FinetuneSequential
 from piggyback.methods.ksm import KSM
 from piggyback.methods.packnet import PackNet
 from piggyback.methods.piggyback import Piggyback
+from piggyback.utils.instantiate import build
 
 BUILT_IN = (Piggyback, ClassifierOnly, Finetune, FinetuneSequential, PackNet, CPG, KSM)
 """Registered by importing them above (``Method.__init_subclass__``)."""

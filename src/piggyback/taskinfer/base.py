@@ -8,7 +8,8 @@ mixed stream), and :func:`predict` adds each input's class under its inferred ta
 A strategy is one small class in one file: subclass :class:`Strategy`, give it a ``name``
 and it registers itself (``task_inference=<name>`` then finds it). Strategies are typed
 against :class:`TaskInferenceHost`, the few things of a multi-task model they use, never
-against ``piggyback.multitask.MultiTaskModel`` itself (which sits beside them and calls them).
+against ``piggyback.models.multitask.MultiTaskModel`` itself (which sits beside them and
+calls them).
 """
 
 from __future__ import annotations

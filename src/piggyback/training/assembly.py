@@ -14,10 +14,10 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from piggyback.finite_loss import FiniteLossCheck
-from piggyback.instantiate import build, build_all
-from piggyback.resolvers import fresh_subdir
-from piggyback.resume import InterruptCheckpoint, RNGStateCheckpoint
+from piggyback.training.finite_loss import FiniteLossCheck
+from piggyback.training.resume import InterruptCheckpoint, RNGStateCheckpoint
+from piggyback.utils.instantiate import build, build_all
+from piggyback.utils.resolvers import fresh_subdir
 
 __all__ = ["build_callbacks", "build_loggers", "finish_loggers", "quiet_trainer", "task_trainer"]
 

@@ -1,6 +1,6 @@
 """SIGTERM (a cluster's time limit) or Ctrl+C while fitting: a checkpoint, then a hint.
 
-The :class:`~piggyback.resume.InterruptCheckpoint` callback saves ``last.ckpt`` when
+The :class:`~piggyback.training.resume.InterruptCheckpoint` callback saves ``last.ckpt`` when
 Lightning sees the signal; here the fit's way of stopping (Lightning's ``SIGTERMException``,
 or the ``SystemExit`` it makes of Ctrl+C) becomes :class:`Interrupted`, which the entry point
 reports as one line naming the checkpoint and the ``resume=`` option, with the shell's signal

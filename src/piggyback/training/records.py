@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from piggyback.cl import format_cl_table
+from piggyback.scores.continual import format_cl_table
 
 __all__ = ["format_table", "print_tables", "run_summary", "summarize"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from piggyback.atomic import atomic_write_text
+from piggyback.utils.atomic import atomic_write_text
 
 __all__ = ["RunFolder"]
 

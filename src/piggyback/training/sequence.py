@@ -2,8 +2,8 @@
 
 After each task of a sequence, every task learned so far is tested again (each through the
 module that holds it), which gives row ``i`` of the continual-learning accuracy matrix
-``R[i][j]``; :mod:`piggyback.cl` turns the matrix into average accuracy, backward transfer
-and forgetting. A single task's row is its own test accuracy.
+``R[i][j]``; :mod:`piggyback.scores.continual` turns the matrix into average accuracy,
+backward transfer and forgetting. A single task's row is its own test accuracy.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from piggyback.cl import cl_summary
-from piggyback.module import PiggybackModule
+from piggyback.models.module import PiggybackModule
+from piggyback.scores.continual import cl_summary
 from piggyback.training.assembly import build_loggers, finish_loggers, quiet_trainer
 
 __all__ = ["AccuracyMatrix", "continual_learning", "evaluate_learned", "task_configs"]

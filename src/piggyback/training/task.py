@@ -16,14 +16,14 @@ import torch
 from lightning.pytorch.utilities.compile import from_compiled
 from omegaconf import DictConfig
 
+from piggyback.config.validate import check_channels, check_resume
 from piggyback.data.base import TaskDataModule
 from piggyback.formats import save_artifact
-from piggyback.instantiate import build, to_dict
-from piggyback.module import PiggybackModule
+from piggyback.models.module import PiggybackModule
 from piggyback.training.assembly import build_loggers, finish_loggers, task_trainer
 from piggyback.training.interrupt import fit_or_interrupt
 from piggyback.training.run_folder import RunFolder
-from piggyback.validate import check_channels, check_resume
+from piggyback.utils.instantiate import build, to_dict
 
 __all__ = [
     "build_module",
@@ -69,7 +69,7 @@ def compile_module(
     ``layout_optimization: false`` took the compiled Piggyback step from 1.13-1.18x to
     1.05-1.10x the compiled fine-tuning step at batch 16, 96 px (benchmarks/README.md,
     "torch.compile").
-    Unknown options are refused before any work starts (``piggyback.validate.check_config``).
+    Unknown options are refused before any work starts (``piggyback.config.validate.check_config``).
     """
     return from_compiled(torch.compile(module, options=options))
 

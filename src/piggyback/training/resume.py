@@ -20,8 +20,8 @@ import lightning as L
 import numpy as np
 import torch
 
-from piggyback.finite_loss import NonFiniteLoss  # issue 18
-from piggyback.write_errors import WriteError  # issue 18
+from piggyback.training.finite_loss import NonFiniteLoss  # issue 18
+from piggyback.utils.write_errors import WriteError  # issue 18
 
 
 class InterruptCheckpoint(L.pytorch.callbacks.Checkpoint):

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 
 from piggyback.data.base import TaskDataModule
-from piggyback.module import PiggybackModule
+from piggyback.models.module import PiggybackModule
 
 TINY_RUN = (
     "trainer.max_epochs=1",

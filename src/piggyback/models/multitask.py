@@ -45,19 +45,19 @@ from piggyback.formats import (
     write_bundle,
 )
 from piggyback.methods import apply_artifact, artifact_method
+from piggyback.models.storage import (
+    architecture_bytes,
+    layer_order,
+    masks_in_network_order,
+    state_bytes,
+    storage_summary,
+)
 from piggyback.nn.convert import (
     MaskingError,
     frozen_state_dict,
     mask_model,
     masked_weights,
     unmask_model,
-)
-from piggyback.storage import (
-    architecture_bytes,
-    layer_order,
-    masks_in_network_order,
-    state_bytes,
-    storage_summary,
 )
 from piggyback.taskinfer import PER_CHOICES, Prediction, Strategy
 from piggyback.taskinfer import infer_task as _infer_task

@@ -24,11 +24,9 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from piggyback.atomic import atomic_write_text
 from piggyback.backbones import build_backbone
-from piggyback.instantiate import to_dict
 from piggyback.methods import method_class
-from piggyback.multitask import MultiTaskModel
+from piggyback.models.multitask import MultiTaskModel
 from piggyback.taskinfer import (
     REGISTRY,
     Strategy,
@@ -36,6 +34,8 @@ from piggyback.taskinfer import (
     build_strategy,
     predict,
 )
+from piggyback.utils.atomic import atomic_write_text
+from piggyback.utils.instantiate import to_dict
 
 __all__ = [
     "check_task_inference",

@@ -14,11 +14,11 @@ import lightning as L
 import pytest
 import torch
 
-from piggyback.collapse import CollapseMonitor, label_entropy
 from piggyback.data.digits import DigitsDataModule
-from piggyback.module import PiggybackModule
+from piggyback.models.module import PiggybackModule
+from piggyback.models.testing import demo_module, quick_trainer
 from piggyback.nn import masked_weights
-from piggyback.testing import demo_module, quick_trainer
+from piggyback.training.collapse import CollapseMonitor, label_entropy
 
 
 class FlipByHand(L.Callback):

@@ -26,7 +26,7 @@ from types import TracebackType
 
 from filelock import FileLock, Timeout
 
-from piggyback.atomic import atomic_write_text
+from piggyback.utils.atomic import atomic_write_text
 
 LOCK_FILE = ".run.lock"
 HOLDER_FILE = ".run.lock.json"

@@ -8,7 +8,7 @@ The temporary file sits next to the target, never in ``/tmp``: a move across fil
 a copy into the final path, and a disk that fills up during that copy leaves a truncated file
 where the previous good one was. Any ``OSError`` on the way (a full disk, a read-only mount, a
 deleted folder) removes the temporary file, leaves the previous version untouched and is
-raised as a one-line :class:`~piggyback.write_errors.WriteError`.
+raised as a one-line :class:`~piggyback.utils.write_errors.WriteError`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from piggyback.write_errors import WriteError, write_failure
+from piggyback.utils.write_errors import WriteError, write_failure
 
 
 def _umask() -> int:

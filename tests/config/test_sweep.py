@@ -7,7 +7,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from piggyback.sweep import SweepExitCode, record_job_failure
+from piggyback.config.sweep import SweepExitCode, record_job_failure
 
 
 def _config(sweep_dir) -> object:

@@ -1,4 +1,4 @@
-"""Lightning's per-Trainer banners reach the terminal once per run (``piggyback.console``).
+"""Lightning's per-Trainer banners reach the terminal once per run (``piggyback.utils.console``).
 
 A demo run builds nine Trainers (three fits, six continual-learning tests) and evaluation one
 per task; before ``OncePerRun`` each printed the "GPU available / TPU available" banner and the
@@ -17,9 +17,9 @@ from pathlib import Path
 
 from lightning.pytorch.utilities._pytree import _tree_flatten
 
-from piggyback.console import REPEATED_BANNERS, OncePerRun
+from piggyback.utils.console import REPEATED_BANNERS, OncePerRun
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 RANK_ZERO = "lightning.pytorch.utilities.rank_zero"
 BANNER = "GPU available: False, used: False"
 OTHER = "`Trainer.fit` stopped: `max_epochs=1` reached."

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from piggyback.metrics import (
+from piggyback.scores.decathlon import (
     DECATHLON_BASELINE_ACC,
     DECATHLON_DOMAINS,
     FINE_GRAINED_TABLE,

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from piggyback.atomic import atomic_write_stream
 from piggyback.data.digits import load_digits_tensors
 from piggyback.nets.small_cnn import small_cnn
+from piggyback.utils.atomic import atomic_write_stream
 
 log = logging.getLogger(__name__)
 

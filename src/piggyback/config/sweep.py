@@ -19,7 +19,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from piggyback.atomic import atomic_write_text
+from piggyback.utils.atomic import atomic_write_text
 
 ERROR_FILE = "error.txt"
 

@@ -3,7 +3,7 @@
 A full disk, a read-only mount or a deleted output folder surfaces from deep inside
 ``torch.save`` or ``safetensors`` as an ``OSError`` with a temporary file's name. The user
 needs three things instead: which file could not be written, why, and whether the previous
-version of it (the resume point, say) survived. ``piggyback.atomic`` raises
+version of it (the resume point, say) survived. ``piggyback.utils.atomic`` raises
 :class:`WriteError` with that line; the entry points print it as ``error: ...``, exit 2.
 """
 

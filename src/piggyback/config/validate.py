@@ -16,11 +16,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from piggyback.backbones.base import torch_load_failure
-from piggyback.finite_loss import MODES as NONFINITE_LOSS_MODES  # issue 18
 from piggyback.formats import MASK_ENCODINGS, canonical_encoding
-from piggyback.instantiate import to_dict
 from piggyback.methods import Method, build_method
 from piggyback.nn import GRAD_RESCALES, MASK_INITS, THRESHOLD_FNS
+from piggyback.training.finite_loss import MODES as NONFINITE_LOSS_MODES  # issue 18
+from piggyback.utils.instantiate import to_dict
 
 # Letters (any script), digits, "_", "-" and spaces; no dots, separators or "..".
 _TASK_NAME = re.compile(r"^[^\W][\w\- ]*$")

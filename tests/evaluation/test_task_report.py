@@ -12,15 +12,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from piggyback.backbones import build_backbone
 from piggyback.evaluate import evaluate
-from piggyback.multitask import MultiTaskModel
-from piggyback.task_report import (
+from piggyback.evaluation.task_report import (
     check_task_inference,
     format_task_inference,
     strategy_list,
     task_inference_block,
 )
+from piggyback.models.multitask import MultiTaskModel
+from piggyback.models.testing import TINY_RUN, demo_module
 from piggyback.taskinfer import TaskInferenceError, infer_task, strategy_names
-from piggyback.testing import TINY_RUN, demo_module
 from piggyback.train import train
 
 

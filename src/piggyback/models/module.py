@@ -27,11 +27,11 @@ from piggyback.formats import (
     bn_state_dict,
     fingerprint,
 )
-from piggyback.instantiate import build
 from piggyback.methods import Method, TaskState, build_method
+from piggyback.models.prototypes import feature_mean, moving_weights, pretrained_view
+from piggyback.models.stored_state import decode_stored, encode_stored
 from piggyback.nn import recompute_masked_weights
-from piggyback.prototypes import feature_mean, moving_weights, pretrained_view
-from piggyback.stored_state import decode_stored, encode_stored
+from piggyback.utils.instantiate import build
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -306,7 +306,7 @@ class PiggybackModule(L.LightningModule):
     # ------------------------------------------------------------ task inference
     def pretrained_network(self) -> AbstractContextManager[nn.Module]:
         """The backbone as it was pretrained, for a ``with`` block (everything put back on
-        exit); see :func:`piggyback.prototypes.pretrained_view`."""
+        exit); see :func:`piggyback.models.prototypes.pretrained_view`."""
         return pretrained_view(self.backbone, self.pretrained_bn, self._pristine)
 
     def feature_mean(self, batches: Iterable[Any], limit: int | None = None) -> torch.Tensor:

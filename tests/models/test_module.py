@@ -8,9 +8,9 @@ import torch
 
 from piggyback.backbones import build_backbone
 from piggyback.data.digits import DigitsDataModule
-from piggyback.module import PiggybackModule
+from piggyback.models.module import PiggybackModule
+from piggyback.models.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.nn import get_masks, masked_weights
-from piggyback.testing import demo_module, logits_on_test_split, quick_trainer
 
 FAST_LR = {"masks": 1e-3, "head": 1e-3, "bn": 1e-3}
 

@@ -3,10 +3,10 @@
 Lightning's own writer (``_atomic_save``) serializes to a temporary file in ``/tmp`` and moves
 it over; across file systems that move is a copy *into the final path*, so a disk that fills
 up during the copy leaves a truncated ``last.ckpt`` where the good resume point was. This
-``CheckpointIO`` writes through :func:`piggyback.atomic.atomic_write_stream` instead (temp
+``CheckpointIO`` writes through :func:`piggyback.utils.atomic.atomic_write_stream` instead (temp
 file in the checkpoint's folder, fsync, ``os.replace``), so the epoch-end ``last.ckpt``, the
 best checkpoints and the interrupt checkpoint are either whole or the previous version, and a
-failure is a one-line :class:`~piggyback.write_errors.WriteError`.
+failure is a one-line :class:`~piggyback.utils.write_errors.WriteError`.
 
 Every trainer config attaches it (``conf/trainer/default.yaml``, ``plugins:``).
 """
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from piggyback.atomic import atomic_write_stream
-from piggyback.write_errors import write_failure
+from piggyback.utils.atomic import atomic_write_stream
+from piggyback.utils.write_errors import write_failure
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

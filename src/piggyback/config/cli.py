@@ -17,15 +17,15 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from piggyback.backbones import BackboneError
+from piggyback.config.sweep import record_job_failure
+from piggyback.config.validate import ConfigError
 from piggyback.data.base import DataError
-from piggyback.finite_loss import NonFiniteLoss
 from piggyback.formats import ArtifactError
-from piggyback.run_lock import RunLocked
-from piggyback.sweep import record_job_failure
-from piggyback.validate import ConfigError
-from piggyback.write_errors import WriteError, exists_for_cli
+from piggyback.training.finite_loss import NonFiniteLoss
+from piggyback.utils.run_lock import RunLocked
+from piggyback.utils.write_errors import WriteError, exists_for_cli
 
-CONF_DIR = os.environ.get("PIGGYBACK_CONF", str(Path(__file__).resolve().parents[2] / "conf"))
+CONF_DIR = os.environ.get("PIGGYBACK_CONF", str(Path(__file__).resolve().parents[3] / "conf"))
 USER_ERRORS = (
     DataError,
     BackboneError,
@@ -76,7 +76,8 @@ def multirun_job() -> str | None:
 def user_error(exc: BaseException, output_dir: str) -> None:
     """One line and exit 2; in a multirun, the job's overrides and no exit, so the sibling
     jobs of a sweep still run (the basic and joblib launchers stop at a job's exception),
-    and an ``error.txt`` that makes the whole sweep exit 2 at its end (``piggyback.sweep``)."""
+    and an ``error.txt`` that makes the whole sweep exit 2 at its end
+    (``piggyback.config.sweep``)."""
     job = multirun_job()
     if job is None:
         exit_with_error(exc)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from piggyback.cl import (
+from piggyback.scores.continual import (
     average_accuracy,
     backward_transfer,
     cl_summary,

@@ -16,8 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from piggyback.atomic import atomic_write_text
-from piggyback.instantiate import build
+from piggyback.utils.atomic import atomic_write_text
+from piggyback.utils.instantiate import build
 
 # the paper's column order; packnet gets its column as soon as its artifacts exist
 METHOD_ORDER = (

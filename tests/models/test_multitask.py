@@ -14,8 +14,8 @@ import torch
 from piggyback.backbones import build_backbone
 from piggyback.formats import ArtifactError, bn_state_dict, save_artifact
 from piggyback.methods import apply_artifact, extract_artifact
-from piggyback.module import PiggybackModule
-from piggyback.multitask import (
+from piggyback.models.module import PiggybackModule
+from piggyback.models.multitask import (
     MultiTaskModel,
     group_by_task,
     load_bundle,
@@ -228,7 +228,7 @@ def test_format_1_bundle_still_loads(module, artifacts, pretrained, tmp_path):
     from safetensors import safe_open
 
     from piggyback.formats import legacy_fingerprint, read_checked_file, write_checked_file
-    from piggyback.multitask import BUNDLE_FORMAT
+    from piggyback.models.multitask import BUNDLE_FORMAT
 
     model = MultiTaskModel.from_artifacts(artifacts.values(), copy.deepcopy(pretrained.model))
     path = save_bundle(model, tmp_path / "bundle.safetensors")
