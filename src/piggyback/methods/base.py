@@ -156,11 +156,20 @@ class Method:
     def on_train_epoch_start(self, module: TrainingHost) -> None:
         """Per-epoch hook (PackNet prunes here)."""
 
+    def on_train_batch_start(self, module: TrainingHost, batch_idx: int) -> None:
+        """Before each training batch's forward; ``batch_idx`` counts from 0 in each epoch
+        (WSN picks its top-k masks here, HAT anneals its gates' slope)."""
+
     def on_train_batch_end(self, module: TrainingHost) -> None:
         """After each optimizer step of the current task."""
 
     def on_after_backward(self, module: TrainingHost) -> None:
         """Gradient hook (PackNet keeps earlier tasks' weights out of the update)."""
+
+    def regularizer(self, module: TrainingHost) -> torch.Tensor | None:
+        """A term added to the training loss after each forward (HAT's attention
+        regulariser); None adds nothing."""
+        return None
 
     def on_validation_epoch_end(self, module: TrainingHost) -> None:
         """After each validation pass (CPG reads ``val/acc`` to decide how far to prune)."""

@@ -256,6 +256,9 @@ class PiggybackModule(L.LightningModule):
         x, y = batch[0], batch[1]
         logits = self(x)
         loss = nn.functional.cross_entropy(logits, y)
+        if stage == "train" and (extra := self.method.regularizer(self)) is not None:
+            self.log("train/regularizer", extra, on_step=False, on_epoch=True, batch_size=len(y))
+            loss = loss + extra
         metrics = self.metrics[self.task][f"{stage}_metrics"]
         metrics.update(logits.detach(), y)
         on_step = stage == "train"
@@ -288,6 +291,9 @@ class PiggybackModule(L.LightningModule):
 
     def on_after_backward(self) -> None:
         self.method.on_after_backward(self)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.method.on_train_batch_start(self, batch_idx)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.method.on_train_batch_end(self)
