@@ -6,7 +6,7 @@ higher one, on any circle between modules, on an import of ``piggyback`` inside 
 (the old way of dodging a circle), and on a function-level third-party import without a
 comment on its line saying why it is deferred (optional or heavy packages only).
 
-The layers, lowest first, are drawn in the README's developer section; keep the two in step.
+The layers, lowest first, are drawn in docs/development.md ("Layers"); keep the two in step.
 """
 
 from __future__ import annotations
@@ -233,10 +233,10 @@ def test_package_root_holds_only_the_entry_modules():
     assert root == {"__init__", *ENTRY_MODULES}
 
 
-def test_readme_draws_the_same_layers_in_the_same_order():
-    readme = (SRC.parent / "README.md").read_text()
-    develop = readme.split("## Develop", 1)[1]
-    drawn = re.findall(r"^\d+\. \*\*(\w+)\*\*", develop, flags=re.M)
+def test_the_docs_draw_the_same_layers_in_the_same_order():
+    page = (SRC.parent / "docs" / "development.md").read_text()
+    layers = page.split("## Layers", 1)[1].split("\n## ", 1)[0]
+    drawn = re.findall(r"^\d+\. \*\*(\w+)\*\*", layers, flags=re.M)
     assert drawn == [name for name, _ in LAYERS] + ["entry"]
 
 
