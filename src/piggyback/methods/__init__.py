@@ -3,7 +3,7 @@
 ``build_method`` turns a config (``_target_``) or a registered name into an object;
 ``method_class`` finds the class an artifact was written by; ``apply_artifact`` and
 ``extract_artifact`` move a task between a backbone and its artifact. PackNet and CPG share
-the weight-ownership machinery of ``ownership``.
+the weight-ownership machinery of ``ownership``, which WSN builds on too.
 """
 
 from piggyback.formats import ArtifactParts, bn_state_dict
@@ -22,6 +22,7 @@ from piggyback.methods.registry import (
     extract_artifact,
     method_class,
 )
+from piggyback.methods.wsn import WSN
 
 __all__ = [
     "BN_MODES",
@@ -39,6 +40,7 @@ __all__ = [
     "Piggyback",
     "TaskState",
     "TrainingHost",
+    "WSN",
     "apply_artifact",
     "artifact_method",
     "bn_state_dict",

@@ -229,6 +229,14 @@ class Method:
         return model.backbone
 
     @classmethod
+    def superposition(
+        cls, model: InferenceHost, artifact: TaskArtifact
+    ) -> tuple[nn.Module, dict[str, torch.Tensor] | None]:
+        """The network on which ``model`` superposes tasks (the shared backbone; WSN's own
+        shared network) and ``artifact``'s masks on it (see :meth:`superposition_masks`)."""
+        return model.backbone, cls.superposition_masks(artifact)
+
+    @classmethod
     def superposition_masks(cls, artifact: TaskArtifact) -> dict[str, torch.Tensor] | None:
         """The task's quantised masks (int8, by weight name) for a superposition of tasks;
         None: the pretrained weights (every mask all ones)."""

@@ -29,9 +29,10 @@ from piggyback.methods.finetune import Finetune, FinetuneSequential
 from piggyback.methods.ksm import KSM
 from piggyback.methods.packnet import PackNet
 from piggyback.methods.piggyback import Piggyback
+from piggyback.methods.wsn import WSN
 from piggyback.utils.instantiate import build
 
-BUILT_IN = (Piggyback, ClassifierOnly, Finetune, FinetuneSequential, PackNet, CPG, KSM)
+BUILT_IN = (Piggyback, ClassifierOnly, Finetune, FinetuneSequential, PackNet, CPG, KSM, WSN)
 """Registered by importing them above (``Method.__init_subclass__``)."""
 
 

@@ -89,16 +89,26 @@ class OneShot(Strategy):
         return {"forwards": 1.0, "backwards": 1.0}
 
     def superposition(self, host: TaskInferenceHost):
-        """``(mask stacks, mean BN state)`` of the host's tasks, cached until tasks change."""
+        """``(network, mask stacks, mean BN state)`` of the host's tasks, cached until tasks
+        change. The network is the shared backbone, or the one network the tasks' method
+        shares between them (WSN); tasks on different networks cannot be superposed."""
         key = tuple(host.tasks)
         cached = host.inference_cache.get(_CACHE_KEY)
         if cached is not None and cached[0] == key:
-            return cached[1], cached[2]
-        layers = dict(masked_weights(host.backbone))
-        per_task = []
-        for task in key:
-            artifact = host.artifact(task)
-            per_task.append(artifact_method(artifact).superposition_masks(artifact) or {})
+            return cached[1:]
+        pairs = [
+            artifact_method(host.artifact(t)).superposition(host, host.artifact(t)) for t in key
+        ]
+        network = pairs[0][0] if pairs else host.backbone
+        apart = [t for t, (net, _) in zip(key, pairs, strict=True) if net is not network]
+        if apart:
+            raise TaskInferenceError(
+                f"task_inference=oneshot superposes the tasks' masks on one network; tasks "
+                f"{apart} run on another network than task {key[0]!r} (different methods). Use "
+                f"task_inference={' | '.join(sorted(n for n in REGISTRY if n != self.name))}"
+            )
+        layers = dict(masked_weights(network))
+        per_task = [masks or {} for _, masks in pairs]
         stacks = {}
         for name, layer in layers.items():
             device = layer.weight.device
@@ -111,14 +121,13 @@ class OneShot(Strategy):
             if host.pretrained_bn
             else {}
         )
-        host.inference_cache[_CACHE_KEY] = (key, stacks, bn)
-        return stacks, bn
+        host.inference_cache[_CACHE_KEY] = (key, network, stacks, bn)
+        return network, stacks, bn
 
     def batch_scores(self, host: TaskInferenceHost, x: torch.Tensor) -> Scores:
-        stacks, bn = self.superposition(host)
+        backbone, stacks, bn = self.superposition(host)
         tasks = host.tasks
         alphas = torch.full((len(tasks),), 1.0 / len(tasks), device=x.device, requires_grad=True)
-        backbone = host.backbone
         with torch.enable_grad(), bn_state(backbone, bn), superposed(backbone, stacks, alphas):
             features = backbone(x)
             objective = sum(
