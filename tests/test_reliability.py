@@ -297,7 +297,7 @@ def test_resume_after_epoch_1_equals_the_uninterrupted_run(make_cfg, tmp_path, m
     args = (*TINY[:1], "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")
     args += (f"method={method}",)
     args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
-    args += ("logger=none", "callbacks=default", "method.scheduler.step_size=2")
+    args += ("logger=none", "callbacks=default", "method.scheduler.milestones=[0.6]")
 
     def run_to(epochs: int, out: str, *extra: str) -> Path:
         cfg = make_cfg(*args, f"trainer.max_epochs={epochs}", *extra)
@@ -394,10 +394,10 @@ def test_demo_recipe_on_other_data_gets_a_note(make_cfg):
     assert demo_recipe_note(ours, cfg) is None
     assert demo_recipe_note({**choices, "experiment": "paper"}, cfg) is None
     paper = make_cfg("experiment=paper")
-    assert (paper.method.name, paper.trainer.max_epochs, paper.method.scheduler.step_size) == (
+    assert (paper.method.name, paper.trainer.max_epochs, paper.method.scheduler.milestones) == (
         "piggyback",
         30,
-        15,
+        [0.5],
     )
 
 
@@ -448,7 +448,7 @@ def test_resume_after_sigterm_mid_epoch_equals_the_uninterrupted_run(
     # whole epochs (no limit_train_batches): the resumed epoch must end where the full one does
     args = (*TINY[:1], "data.batch_size=128", "+trainer.limit_val_batches=1")
     args += ("+trainer.limit_test_batches=1", "trainer.enable_progress_bar=false")
-    args += ("logger=none", "callbacks=default", "method.scheduler.step_size=1")
+    args += ("logger=none", "callbacks=default", "method.scheduler.milestones=[0.5]")
 
     def run_to(out: str, *extra: str) -> Path:
         cfg = make_cfg(*args, "trainer.max_epochs=2", *extra)

@@ -100,10 +100,10 @@ def test_the_pruned_fraction_follows_the_goal_rule(cpg_pair):
     assert artifact_a.extra_meta["compaction"]["pruned"] == result["pruned"]
     owned = {k: sum(int((o == k).sum()) for o in owners_a.values()) for k in (0, 1, FREE)}
     total = sum(owned.values())
-    # initial_prune 0.5: half the pretrained weights for task 1, which keeps 70 % of them
-    assert owned[0] / total == pytest.approx(0.5, abs=0.01)
-    assert owned[1] / total == pytest.approx(0.35, abs=0.01)
-    assert owned[FREE] / total == pytest.approx(0.15, abs=0.01)
+    # task 1 owns every pretrained weight (first_task_trains_pretrained) and keeps 70 %
+    assert owned[0] == 0
+    assert owned[1] / total == pytest.approx(0.7, abs=0.01)
+    assert owned[FREE] / total == pytest.approx(0.3, abs=0.01)
     # task B: 0.5 before pruning misses the absolute goal 0.7: nothing pruned, all kept
     result_b = method.results["digits_mod3"]
     assert result_b["goal_accuracy"] == pytest.approx(0.7)

@@ -54,8 +54,8 @@ def test_registry_and_specs():
         ("classifier_only", ["head"], set()),
         ("finetune", ["backbone", "head"], {"weight", "bn"}),
         ("finetune_sequential", ["backbone", "head"], {"weight", "bn"}),
-        ("packnet", ["backbone", "head"], {"weight"}),
-        ("cpg", ["backbone", "masks", "head"], {"weight", "mask_real"}),
+        ("packnet", ["backbone", "bn", "head"], {"weight", "bn"}),
+        ("cpg", ["backbone", "bn", "masks", "head"], {"weight", "mask_real", "bn"}),
     ],
 )
 def test_parameter_groups_and_what_trains(demo_cache, method, groups, trainable):
@@ -123,12 +123,11 @@ def test_packnet_ownership_pruning_and_freezing(packnet_pair):
     module, _, _, _, weights_a, owners_a, _ = packnet_pair
     method: PackNet = module.method
     total = sum(o.numel() for o in owners_a.values())
-    # initial_prune 0.5 frees half of the pretrained weights; task 1 takes them and, with
-    # prune 0.5, keeps half: 50 % pretrained, 25 % task 1, 25 % free after task 1.
+    # task 1 owns every pretrained weight and, with prune 0.75, keeps a quarter of each layer
     share = {k: sum(int((o == k).sum()) for o in owners_a.values()) / total for k in (0, 1, FREE)}
-    assert share[0] == pytest.approx(0.5, abs=0.01)
+    assert share[0] == 0
     assert share[1] == pytest.approx(0.25, abs=0.01)
-    assert share[FREE] == pytest.approx(0.25, abs=0.01)
+    assert share[FREE] == pytest.approx(0.75, abs=0.01)
     for name, mask in masked_weights(module.backbone):
         earlier = owners_a[name] <= 1
         # what tasks 0 and 1 own never moved while task 2 trained
@@ -138,6 +137,21 @@ def test_packnet_ownership_pruning_and_freezing(packnet_pair):
             method.owners[name] == 2, (owners_a[name] == FREE) & (method.owners[name] != FREE)
         )
         assert (weights_a[name][owners_a[name] == FREE] == 0).all()  # pruned = zeroed
+
+
+def test_packnet_task_1_fine_tunes_every_pretrained_weight(demo_cache, tmp_path):
+    """Task 1 starts from the pretrained values (not zero) and every weight learns."""
+    module = demo_module(demo_cache, "packnet", lr={"backbone": 1e-2, "head": 1e-2})
+    pretrained = {n: m.weight.detach().clone() for n, m in masked_weights(module.backbone)}
+    assert all((o == 1).all() for o in module.method.owners.values())
+    assert module.method.trains_bn and module.method.retrain_epochs_of(30) == 10
+    module.method.prune = 0.0  # nothing zeroed: the fine-tuning alone
+    _trainer(tmp_path).fit(module, DigitsDataModule("rotated", batch_size=64))
+    moved = total = 0
+    for name, mask in masked_weights(module.backbone):
+        moved += int((mask.weight.detach() != pretrained[name]).sum())
+        total += pretrained[name].numel()
+    assert moved / total > 0.99
 
 
 def test_packnet_earlier_task_logits_are_bit_identical(packnet_pair):

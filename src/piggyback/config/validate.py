@@ -113,6 +113,16 @@ def _check_step_in_backward(cfg: DictConfig, method: Method) -> None:
     """``piggyback.optim.StepInBackward`` steps each parameter inside backward and drops its
     gradient: nothing is left for clipping, accumulation or a method's gradient hook."""
     target = str((cfg.method.get("optimizer") or {}).get("_target_", ""))
+    per_group = {
+        name: str((spec or {}).get("_target_", ""))
+        for name, spec in (cfg.method.get("optimizers") or {}).items()
+    }
+    inner = sorted(n for n, t in per_group.items() if t.endswith("StepInBackward"))
+    if inner or (target.endswith("StepInBackward") and method.optimizers):
+        raise ConfigError(
+            "StepInBackward cannot be one of several optimizers (method.optimizers"
+            f"{': ' + ', '.join(inner) if inner else ''}); use it as method.optimizer alone"
+        )
     if not target.endswith("StepInBackward"):
         return
     trainer = cfg.get("trainer") or {}

@@ -40,12 +40,16 @@ class Method:
         "_target_": "torch.optim.Adam",
         "_partial_": True,
     }
-    default_scheduler: ClassVar[dict[str, Any]] = {  # the paper: x0.1 every 15 epochs
-        "_target_": "torch.optim.lr_scheduler.StepLR",
+    #: the paper: x0.1 after 15 of its 30 epochs, as a fraction so that any budget keeps it
+    default_scheduler: ClassVar[dict[str, Any]] = {
+        "_target_": "piggyback.optim.FractionStepLR",
         "_partial_": True,
-        "step_size": 15,
+        "milestones": [0.5],
         "gamma": 0.1,
     }
+    #: per-group optimizers and schedules (``{group name: config}``): none by default
+    default_optimizers: ClassVar[dict[str, dict[str, Any]]] = {}
+    default_schedulers: ClassVar[dict[str, dict[str, Any] | None]] = {}
     #: one network per task (the "individual networks" baseline): a module holds one task
     separate_networks: ClassVar[bool] = False
     #: later tasks can change earlier tasks' predictions (shown by the CL report)
@@ -66,6 +70,8 @@ class Method:
         bn: str = "frozen",
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
+        optimizers: Mapping[str, Mapping[str, Any]] | None = None,
+        schedulers: Mapping[str, Mapping[str, Any] | None] | None = None,
         lr: Mapping[str, float] | None = None,
         lr_scale: float = 1.0,
         scale_mask_lr: bool = False,
@@ -79,6 +85,22 @@ class Method:
         self.optimizer = dict(optimizer or self.default_optimizer)
         # None: the paper's schedule; an empty mapping: a constant learning rate.
         self.scheduler = dict(self.default_scheduler if scheduler is None else scheduler)
+        # Several optimizers: a param group named here gets its own optimizer (and, under the
+        # same name in ``schedulers``, its own schedule; None there: a constant lr); the other
+        # groups share ``optimizer`` and ``scheduler`` (piggyback.optim.GroupedOptimizer).
+        self.optimizers = {
+            str(k): dict(v) for k, v in {**self.default_optimizers, **(optimizers or {})}.items()
+        }
+        self.schedulers = {
+            str(k): (dict(v) if v else None)
+            for k, v in {**self.default_schedulers, **(schedulers or {})}.items()
+        }
+        stray = sorted(set(self.schedulers) - set(self.optimizers))
+        if stray:
+            raise ValueError(
+                f"method schedulers {stray} name groups without an optimizer of their own; add "
+                f"them to method.optimizers or move the schedule to method.scheduler"
+            )
         if not lr_scale > 0:
             raise ValueError(f"lr_scale must be > 0, got {lr_scale}")
         # One knob for a fair learning-rate sweep across methods with different groups. The

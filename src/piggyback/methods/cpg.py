@@ -1,46 +1,60 @@
 """CPG (Hung et al., NeurIPS 2019): compacting, picking (and growing) for unforgetting.
 
-Tasks are learned in order on one network whose weights are owned (see ``ownership``; the
-pretrained network is task 0). Task ``t``:
+Tasks are learned in order on one network whose weights are owned (see ``ownership``). Task
+``t``:
 
 1. **Picks and trains.** A learned binary Piggyback mask over the weights that earlier tasks
    own (``mask_real`` with the straight-through threshold) *picks* which of them task ``t``
    reuses, while the weights no task owns yet (free, starting from zero) are trained. The
-   earlier weights themselves never change. Before the first task, ``initial_prune`` of the
-   pretrained weights (smallest magnitude, per layer) are released, as in PackNet: without
-   ImageNet data the pretrained task cannot be compacted against an accuracy goal.
+   earlier weights themselves never change. The first task owns and fine-tunes every
+   pretrained weight (as PackNet here; the reference compacts ImageNet as task 1, which
+   needs ImageNet data).
 2. **Compacts.** The last ``compact_epochs`` epochs run in rounds of ``round_epochs``: each
-   round prunes ``prune_step`` more of the task's own weights (per layer, by magnitude, as a
-   fraction of what the task owned before compacting, at most ``max_prune``) and retrains the
-   rest with the pick mask frozen (the reference code's ``lr_mask 0`` while pruning). After
-   every round the validation accuracy is compared with the task's **goal**; the first round
-   below it ends compaction and the state of the last round that met it (weights, ownership,
-   pick mask, head, BN) is restored. No checkpoint is picked by hand: the rule is "the
-   sparsest round whose validation accuracy meets the goal". The pruned weights are released
-   (zero, ``FREE``) to later tasks.
+   round prunes more of the task's own weights (per layer, by magnitude, as a fraction of what
+   the task owned before compacting; by default evenly spaced up to ``max_prune`` = 95 %) and
+   retrains the rest with the pick masks frozen (no step at all: the reference's ``lr_mask
+   0``). After every round the validation accuracy is compared with the task's **goal**; the
+   first round below it ends compaction and the state of the last round that met it (weights,
+   ownership, pick mask, head, BN) is restored: "the sparsest level whose accuracy still meets
+   the goal" (``tools/choose_appropriate_pruning_ratio_for_next_task.py``, no loss allowed).
+   The pruned weights are released (zero, ``FREE``) to later tasks.
 3. **Grows** when the goal cannot be met: not implemented (``grow=true`` is refused); a task
    that misses its goal before pruning keeps all its weights (``cpg/pruned`` stays 0).
 
 The goal is ``goal × reference``: ``reference`` is the individually fine-tuned accuracy of
-each task (a mapping ``{task: accuracy}``, fractions as in ``test/acc``: e.g. from a
-``method=finetune`` run's ``metrics.json``; the paper's setting), one number for every task
-(an absolute goal), or ``null``: the task's own validation accuracy reached after step 1,
-before any pruning (so ``goal=1.0`` means "no loss at all", ``goal=0.98`` "at most 2 % of it").
-Accuracies are validation accuracies (``val/acc``), never test.
+each task (the paper's setting): the path of a ``method=finetune`` run's ``metrics.json`` on the
+same tasks (its ``val/acc`` per task), a mapping ``{task: accuracy}`` (fractions, as
+``val/acc``), or one number for every task. ``null`` is the stated fallback: the task's own
+validation accuracy after step 1, before any pruning. Accuracies are validation accuracies.
+
+Hyperparameters and their sources (ivclab/CPG):
+- weights, biases, BN and head: SGD, momentum 0.9, nesterov (``CPG_imagenet_main.py``), lr
+  1e-3 (``experiment2/CPG_imagenet.sh`` ``init_lr``; 1e-2 for Stanford Cars), weight decay
+  4e-5 on the current task's weights only (the scripts' ``--weight_decay 4e-5``, applied by
+  ``utils/prune.py`` ``do_weight_decay_and_make_grads_zero``);
+- pick masks: Adam, lr 1e-4 (``lr_mask``), 0 while pruning;
+- BN trained and stored per task (``shared_layer_info`` in ``CPG_imagenet_main.py``);
+- pruning from 10 % towards 95 % (``pruning_ratio_interval`` 0.1, last step +0.05);
+- schedule: constant lr (ours, because the reference decays x0.1 only after 5 epochs without
+  a better validation accuracy, which a short task does not reach, and its pruning rounds
+  restart at a constant ``pruning_lr``).
 
 Storage per task: its pick mask (1 bit per weight that earlier tasks own), plus, as PackNet,
 the owner index and the float values of the weights it owns, plus its head (and BN when
 ``bn=train``). Earlier tasks' predictions are bit-identical after later tasks: their weights
 are frozen and read through the same masks. Differences to the reference code, for a short
-budget: one pruning step at the start of each round instead of a cubic ramp within it, and no
-optional "retrain mask and weights again" pass after compaction.
+budget: one pruning step at the start of each round instead of a cubic ramp within it, rounds
+of ``round_epochs`` instead of 20 epochs, and no optional "retrain mask and weights again"
+pass after compaction.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +70,7 @@ from piggyback.methods.ownership import (
     unpack_codes,
 )
 from piggyback.nn import mask_parameters, masked_weights, quantize, reset_masks
+from piggyback.optim import GroupedOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +86,37 @@ def _fraction(label: str, value: float) -> float:
     return float(value)
 
 
+def reference_accuracies(path: str | Path) -> dict[str, float]:
+    """``{task: val/acc}`` from a run's ``metrics.json`` (a fine-tuning run of the same tasks)."""
+    file = Path(path)
+    try:
+        tasks = json.loads(file.read_text())["tasks"]
+        return {str(task): float(record["val/acc"]) for task, record in tasks.items()}
+    except FileNotFoundError:
+        raise ValueError(f"cpg reference file {file} does not exist") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(
+            f"cpg reference {file} is not a run's metrics.json with val/acc per task ({exc!r})"
+        ) from None
+
+
 class CPG(OwnedWeights):
     """Pick earlier tasks' weights with a mask, train the free ones, compact to a goal."""
 
     name = "cpg"
-    default_lr = {"backbone": 5e-4, "masks": 1e-4, "head": 1e-4, "bn": 1e-4}
+    default_lr = {"backbone": 1e-3, "masks": 1e-4, "head": 1e-3, "bn": 1e-3}
+    default_optimizer = {
+        "_target_": "torch.optim.SGD",
+        "_partial_": True,
+        "momentum": 0.9,
+        "nesterov": True,
+    }
+    default_optimizers = {"masks": {"_target_": "torch.optim.Adam", "_partial_": True}}
+    default_scheduler = {
+        "_target_": "piggyback.optim.FractionStepLR",
+        "_partial_": True,
+        "milestones": [],
+    }
     may_forget = False
     # the pick mask is always binary (1 bit per earlier weight): no threshold_fn option
     mask_option_keys = ("target", "exclude", "threshold", "grad_rescale")
@@ -84,15 +125,16 @@ class CPG(OwnedWeights):
         self,
         *,
         goal: float = 1.0,
-        reference: float | Mapping[str, float] | None = None,
-        initial_prune: float = 0.5,
-        prune_step: float = 0.1,
-        max_prune: float = 0.9,
+        reference: float | str | Mapping[str, float] | None = None,
+        prune_step: float | None = None,
+        max_prune: float = 0.95,
         compact_epochs: int = 2,
         round_epochs: int = 1,
         grow: bool = False,
         **options: Any,
     ) -> None:
+        options.setdefault("bn", "train")
+        options.setdefault("weight_decay", 4e-5)
         super().__init__(**options)
         if grow:
             raise ValueError(
@@ -101,15 +143,16 @@ class CPG(OwnedWeights):
             )
         if not goal > 0:
             raise ValueError(f"cpg goal must be > 0 (a fraction of the reference), got {goal}")
+        if isinstance(reference, str):
+            reference = reference_accuracies(reference)
         if isinstance(reference, Mapping):
             reference = {str(k): _fraction(f"reference.{k}", v) for k, v in reference.items()}
         elif reference is not None:
             reference = _fraction("reference", reference)
-        for label, value in (("initial_prune", initial_prune), ("max_prune", max_prune)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"cpg {label} must be in [0, 1), got {value}")
-        if not 0.0 < prune_step < 1.0:
-            raise ValueError(f"cpg prune_step must be in (0, 1), got {prune_step}")
+        if not 0.0 < max_prune < 1.0:
+            raise ValueError(f"cpg max_prune must be in (0, 1), got {max_prune}")
+        if prune_step is not None and not 0.0 < prune_step < 1.0:
+            raise ValueError(f"cpg prune_step must be in (0, 1) or null, got {prune_step}")
         if compact_epochs < 0 or round_epochs < 1:
             raise ValueError(
                 f"cpg needs compact_epochs >= 0 and round_epochs >= 1, got {compact_epochs} "
@@ -117,7 +160,6 @@ class CPG(OwnedWeights):
             )
         self.goal = float(goal)
         self.reference = reference
-        self.initial_prune = initial_prune
         self.prune_step = prune_step
         self.max_prune = max_prune
         self.compact_epochs = compact_epochs
@@ -150,9 +192,7 @@ class CPG(OwnedWeights):
     def start_task(self, module: TrainingHost, task: str) -> None:
         self.order.append(task)
         index = self._index(task)
-        if index == 1 and self.initial_prune > 0:
-            self.free(module, 0, self.initial_prune)  # room in the pretrained network
-        self.claim_free(module, index)
+        self.start_owning(module, index)
         cfg = module.mask_cfg
         reset_masks(module.backbone, cfg["mask_init"], cfg["mask_scale"])  # the pick mask
         with torch.no_grad():
@@ -213,14 +253,19 @@ class CPG(OwnedWeights):
         super().on_after_backward(module)
         index = self._index(module.task)
         frozen = self._compacting(module)
+        if frozen:
+            for optimizer in module.trainer.optimizers:
+                if isinstance(optimizer, GroupedOptimizer) and "masks" in optimizer.group_names():
+                    optimizer.freeze("masks")  # no step at all, Adam's momentum included
         for name, mask in masked_weights(module.backbone):
             grad = mask.mask_real.grad
             if grad is None:
                 continue
             if frozen:
                 grad.zero_()
-            else:
-                grad.mul_((self.owners[name] < index).to(grad.device, grad.dtype))
+            else:  # where, not a multiply: 0 * nan is nan
+                earlier = (self.owners[name] < index).to(grad.device)
+                torch.where(earlier, grad, torch.zeros((), dtype=grad.dtype), out=grad)
 
     def on_validation_epoch_end(self, module: TrainingHost) -> None:
         trainer = module.trainer
@@ -238,6 +283,17 @@ class CPG(OwnedWeights):
     def _first_round_epoch(self, module: TrainingHost) -> int:
         return max((module.trainer.max_epochs or 1) - self.compact_epochs, 1)
 
+    def rounds_total(self, module: TrainingHost) -> int:
+        first = self._first_round_epoch(module)
+        return max(math.ceil(((module.trainer.max_epochs or 1) - first) / self.round_epochs), 0)
+
+    def round_target(self, round_index: int, rounds: int) -> float:
+        """The pruned fraction after round ``round_index`` (1-based) of ``rounds``: steps of
+        ``prune_step``, or, by default, evenly spaced up to ``max_prune``."""
+        if self.prune_step is not None:
+            return min(round_index * self.prune_step, self.max_prune)
+        return self.max_prune * round_index / max(rounds, 1)
+
     def on_train_epoch_start(self, module: TrainingHost) -> None:
         """Start the compaction rounds that are due by this epoch (once each, resume-safe)."""
         state = self.compaction
@@ -250,7 +306,7 @@ class CPG(OwnedWeights):
                 "(trainer.limit_val_batches=0); enable it or set method.compact_epochs=0"
             )
         first = self._first_round_epoch(module)
-        rounds_total = math.ceil(((trainer.max_epochs or 1) - first) / self.round_epochs)
+        rounds_total = self.rounds_total(module)
         due = 0 if epoch < first else min((epoch - first) // self.round_epochs + 1, rounds_total)
         while state["rounds"] < due and not state["done"]:
             self._next_round(module, epoch)
@@ -287,7 +343,7 @@ class CPG(OwnedWeights):
         state = self.compaction
         if not self._evaluate(module, state["val_acc"].get(epoch - 1)):
             return
-        target = min((state["rounds"] + 1) * self.prune_step, self.max_prune)
+        target = self.round_target(state["rounds"] + 1, self.rounds_total(module))
         if target <= state["sparsity"]:
             state["done"] = True  # max_prune reached: nothing left to try
             return

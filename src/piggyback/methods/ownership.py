@@ -73,8 +73,34 @@ class OwnedWeights(Method):
     #: the mask options this method passes to ``mask_model`` (PackNet needs no threshold)
     mask_option_keys: tuple[str, ...] = ("target", "exclude")
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(
+        self,
+        *,
+        first_task_trains_pretrained: bool = True,
+        initial_prune: float = 0.0,
+        weight_decay: float = 0.0,
+        **options: Any,
+    ) -> None:
         super().__init__(**options)
+        if not 0.0 <= initial_prune < 1.0:
+            raise ValueError(f"{self.name} initial_prune must be in [0, 1), got {initial_prune}")
+        if first_task_trains_pretrained and initial_prune > 0:
+            raise ValueError(
+                f"{self.name}: first_task_trains_pretrained=true gives the first task every "
+                "pretrained weight, so there is nothing to prune before it; set "
+                "method.initial_prune=0 or method.first_task_trains_pretrained=false"
+            )
+        if weight_decay < 0:
+            raise ValueError(f"{self.name} weight_decay must be >= 0, got {weight_decay}")
+        #: the first task owns (and fine-tunes from their pretrained values) every weight,
+        #: the reading of the reference's "ImageNet is task 0, pruned and retrained" when no
+        #: ImageNet data is at hand; false: the pretrained weights stay frozen as task 0
+        self.first_task_trains_pretrained = bool(first_task_trains_pretrained)
+        self.initial_prune = float(initial_prune)
+        #: L2 decay on the current task's own weights only (applied to their gradient, as the
+        #: reference's ``do_weight_decay_and_make_grads_zero``); an optimizer's weight_decay
+        #: would also move the weights earlier tasks own
+        self.weight_decay = float(weight_decay)
         self.owners: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # task names; task i+1 of the sequence is order[i]
 
@@ -124,6 +150,16 @@ class OwnedWeights(Method):
         self.owners[name][pruned] = FREE
         mask.weight[pruned.to(mask.weight.device)] = 0.0
 
+    def start_owning(self, module: TrainingHost, index: int) -> None:
+        """Task ``index`` begins: it takes the free weights (and, as the first task, every
+        pretrained weight or, with ``initial_prune``, the smallest of them, zeroed)."""
+        if index == 1 and self.first_task_trains_pretrained:
+            for owners in self.owners.values():
+                owners[owners == 0] = index  # values kept: fine-tuned from the pretrained ones
+        elif index == 1 and self.initial_prune > 0:
+            self.free(module, 0, self.initial_prune)  # room in the pretrained network
+        self.claim_free(module, index)
+
     @torch.no_grad()
     def claim_free(self, module: TrainingHost, index: int) -> None:
         """Task ``index`` takes every free weight; new weights start from zero."""
@@ -142,7 +178,11 @@ class OwnedWeights(Method):
         for name, mask in masked_weights(module.backbone):
             grad = mask.weight.grad
             if grad is not None:
-                grad.mul_((self.owners[name] == index).to(grad.device, grad.dtype))
+                if self.weight_decay:
+                    grad.add_(mask.weight.detach(), alpha=self.weight_decay)
+                # where, not a multiply: 0 * nan is nan, and earlier weights must never move
+                own = (self.owners[name] == index).to(grad.device)
+                torch.where(own, grad, torch.zeros((), dtype=grad.dtype), out=grad)
 
     def checkpoint_state(self, module: TrainingHost) -> dict[str, Any]:
         return {"owners": self.owners, "order": self.order}

@@ -31,6 +31,7 @@ from piggyback.methods import Method, TaskState, build_method
 from piggyback.models.prototypes import feature_mean, moving_weights, pretrained_view
 from piggyback.models.stored_state import decode_stored, encode_stored
 from piggyback.nn import recompute_masked_weights
+from piggyback.optim import build_optimizer, build_scheduler
 from piggyback.utils.instantiate import build
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -144,10 +145,16 @@ class PiggybackModule(L.LightningModule):
         return self.method.param_groups(self)
 
     def configure_optimizers(self):
-        optimizer = build(self.method.optimizer)(self.param_groups())
-        if not self.method.scheduler:
+        per_group = {name: build(spec) for name, spec in self.method.optimizers.items()}
+        optimizer = build_optimizer(self.param_groups(), build(self.method.optimizer), per_group)
+        schedules = {k: build(v) if v else None for k, v in self.method.schedulers.items()}
+        default = build(self.method.scheduler) if self.method.scheduler else None
+        trainer = self._trainer
+        epochs = trainer.max_epochs if trainer is not None else None
+        epochs = epochs if epochs and epochs > 0 else None  # -1: no limit, no fractions
+        scheduler = build_scheduler(optimizer, default, schedules, total_epochs=epochs)
+        if scheduler is None:
             return optimizer
-        scheduler = build(self.method.scheduler)(optimizer)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"},
@@ -282,6 +289,12 @@ class PiggybackModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         return self(batch[0]).argmax(dim=1)
+
+    def on_fit_start(self) -> None:
+        # A module left in eval mode (e.g. by a test pass before fit) would train with BN
+        # reading its running statistics and never updating them: training is train mode,
+        # less what the method keeps frozen.
+        self.train()
 
     def on_train_epoch_start(self) -> None:
         # Lightning >= 2.2 restores each submodule's own mode instead of calling .train()
