@@ -1,4 +1,4 @@
-"""The README's comparison tables from the run folders of a sweep (`experiment=compare`,
+"""The comparison tables of docs/results.md from the run folders of a sweep (`experiment=compare`,
 `experiment=domains`, or runs written side by side with ``hydra.run.dir=<root>/<name>``).
 
 For each method it keeps the run (learning-rate scale) with the best mean *validation*

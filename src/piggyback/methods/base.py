@@ -111,7 +111,7 @@ class Method:
         # mask's trajectory unchanged (the straight-through gradient does not depend on
         # them), so this *is* "a mask scale that follows the learning rate", exactly.
         # At 3-10x, masks flip in bursts within ~5-17 steps and the run can collapse to
-        # chance; a head warm-up does not prevent it (README, "Learning-rate sweep").
+        # chance; a head warm-up does not prevent it (docs/methods.md, "Learning-rate sweep").
         self.lr_scale = float(lr_scale)
         self.scale_mask_lr = bool(scale_mask_lr)
         self.lr = {

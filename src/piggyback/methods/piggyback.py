@@ -33,8 +33,8 @@ class Piggyback(Method):
     new head trains and every mask stays exactly at its init. Without it, Adam moves every
     mask by about the learning rate per step, so at a few times the paper's rate the first
     masks reach the threshold within ~20 steps, steered by a head that is still random, and
-    the run can collapse to a constant output (README, "Learning-rate sweep"). Both 0 is the
-    paper's recipe.
+    the run can collapse to a constant output (docs/methods.md, "Learning-rate sweep"). Both
+    0 is the paper's recipe.
     """
 
     name = "piggyback"

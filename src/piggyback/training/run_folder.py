@@ -1,6 +1,6 @@
 """Where a training run's files go, inside its output folder and nowhere else.
 
-One place for the layout the README documents: ``artifacts/<task>.safetensors`` (what
+One place for the layout docs/reliability.md documents: ``artifacts/<task>.safetensors`` (what
 ``evaluate.py`` reads), ``checkpoints/<task>/`` (Lightning checkpoints and the interrupt
 checkpoint that ``resume=`` continues from) and ``metrics.json`` (the run's summary, written
 atomically so a reader never sees half of it).
