@@ -28,8 +28,8 @@ class Entropy(Strategy):
     features trained to 91 % (rotated) and 99 % (upright, mod 3) accuracy: the rotated
     head is surer on upright digits than on its own, and the mod-3 head surer on rotated
     digits than the rotated head, so rotated batches go to the mod-3 task
-    (docs/task_inference.md, "Task inference"). The rule is not at fault there: no rule over these outputs separates
-    tasks whose networks compute the same features.
+    (docs/task_inference.md, "Task inference"). The rule is not at fault there: no rule
+    over these outputs separates tasks whose networks compute the same features.
     """
 
     name = "entropy"
