@@ -47,3 +47,74 @@ def make_cfg(tmp_path, demo_cache) -> Callable[..., DictConfig]:
         return cfg
 
     return _make
+
+
+# ----------------------------------------------------------------------- text (issue 34)
+TINY_WORDS = (
+    "the a this that movie film plot actor story good great fun fine bad awful dull boring "
+    "what who where when why how is was are did name city year person place long"
+).split()
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory) -> Path:
+    """A randomly initialised 2-layer, 32-wide BERT and a word-level BERT tokenizer, saved
+    as a Hugging Face model folder (config.json, weights, vocab.txt): no download."""
+    transformers = pytest.importorskip("transformers")
+    from piggyback.backbones.text import tiny_bert
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (folder / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "BertTokenizer", "do_lower_case": true, "model_max_length": 64}'
+    )
+    tiny_bert(vocab_size=len(vocab)).save_pretrained(folder)
+    assert transformers.AutoTokenizer.from_pretrained(folder).pad_token_id == 0
+    return folder
+
+
+def write_text_task(root: Path, name: str, per_class: dict[str, list[str]], val: bool = True):
+    """``root/name/{train,val,test}.tsv`` with every sentence of ``per_class`` repeated."""
+    import random
+
+    rng = random.Random(name)
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {"train": 12, "val": 3, "test": 4} if val else {"train": 12, "test": 4}
+    for split, repeats in splits.items():
+        rows = [
+            f"{label}\t{rng.choice(TINY_WORDS[:5])} {sentence}"
+            for label, sentences in per_class.items()
+            for sentence in sentences
+            for _ in range(repeats)
+        ]
+        rng.shuffle(rows)
+        (folder / f"{split}.tsv").write_text("label\ttext\n" + "\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.fixture
+def text_tasks(tmp_path) -> Path:
+    """Two small learnable text tasks in the shared layout: ``sentiment`` (2 classes, with
+    val.tsv) and ``question`` (3 classes, no val.tsv: val is held out of train)."""
+    root = tmp_path / "text"
+    write_text_task(
+        root,
+        "sentiment",
+        {
+            "negative": ["bad movie", "awful plot", "dull story", "boring film"],
+            "positive": ["good movie", "great plot", "fun story", "fine film"],
+        },
+    )
+    write_text_task(
+        root,
+        "question",
+        {
+            "HUM": ["who is the actor", "who did name the person"],
+            "LOC": ["where is the city", "where was the place"],
+            "NUM": ["when was the year", "how long is the film"],
+        },
+        val=False,
+    )
+    return root

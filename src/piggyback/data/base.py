@@ -7,6 +7,7 @@ task artifact so predictions can be read without the dataset).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypedDict
 
 import lightning as L
@@ -39,9 +40,14 @@ class LoaderOptions(TypedDict, total=False):
 class TaskDataModule(L.LightningDataModule):
     """Base for all task DataModules: loader settings and task metadata live here."""
 
-    input_channels: int = 3
+    input_channels: int | None = 3
     """Channels of the images this data module yields (image files are converted to RGB).
-    Checked against the backbone for every task of a run before the first one trains."""
+    Checked against the backbone for every task of a run before the first one trains;
+    None (text) checks nothing."""
+
+    collate_fn: Callable[[list[Any]], Any] | None = None
+    """How the loaders join samples into a batch; None: PyTorch's default (text modules pad
+    their sentences to the batch's longest)."""
 
     def __init__(
         self,
@@ -98,6 +104,7 @@ class TaskDataModule(L.LightningDataModule):
             sampler=self._train_sampler(dataset) if train else None,
             generator=loader_generator(self.shuffle_seed),
             drop_last=False,
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             **kwargs,

@@ -35,6 +35,7 @@ from piggyback.taskinfer import (
     predict,
 )
 from piggyback.utils.atomic import atomic_write_text
+from piggyback.utils.inputs import Inputs, concat_inputs, move_inputs, select_inputs
 from piggyback.utils.instantiate import to_dict
 
 __all__ = [
@@ -96,7 +97,7 @@ def collect(loaders: Mapping[str, Iterable[Any]], limit: int | None = None) -> B
         for i, batch in enumerate(loader):
             if limit is not None and i >= limit:
                 break
-            out[task].append((batch[0].cpu(), batch[1].cpu()))
+            out[task].append((move_inputs(batch[0], "cpu"), batch[1].cpu()))
     return out
 
 
@@ -110,8 +111,8 @@ def _tally(
         row["both_ok"] += pred.task == task and pred.label == label
 
 
-def _timed(model: MultiTaskModel, rule: Strategy, x: torch.Tensor, per: str, device):
-    x = x.to(device)
+def _timed(model: MultiTaskModel, rule: Strategy, x: Inputs, per: str, device):
+    x = move_inputs(x, device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -153,7 +154,8 @@ def _task_aware(model: MultiTaskModel, batches: Batches, device) -> dict[str, fl
     out = {}
     for task, items in batches.items():
         right = sum(
-            int((model(x.to(device), task=task).argmax(1).cpu() == y).sum()) for x, y in items
+            int((model(move_inputs(x, device), task=task).argmax(1).cpu() == y).sum())
+            for x, y in items
         )
         out[task] = 100 * right / sum(len(y) for _, y in items)
     return out
@@ -183,7 +185,7 @@ def task_inference_block(
                 raise
             skipped[name] = str(exc)
             del rules[name]
-    xs = torch.cat([x for t in tasks for x, _ in batches[t]])
+    xs = concat_inputs([x for t in tasks for x, _ in batches[t]])  # text: padded alike
     ys = torch.cat([y for t in tasks for _, y in batches[t]])
     owner = [t for t in tasks for _, y in batches[t] for _ in range(len(y))]
     order = torch.randperm(len(ys), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -206,7 +208,7 @@ def task_inference_block(
         rows, ms = {}, []
         for start in range(0, len(order), size):
             idx = order[start : start + size]
-            preds, took = _timed(model, rule, xs[idx], "sample", device)
+            preds, took = _timed(model, rule, select_inputs(xs, idx), "sample", device)
             _tally(rows, preds, [owner[i] for i in idx], ys[idx])
             ms.append(took)
         per_sample = _mode(rows, ms, _cost(rule, len(tasks), "sample"), size)

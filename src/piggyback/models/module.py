@@ -32,6 +32,7 @@ from piggyback.models.prototypes import feature_mean, moving_weights, pretrained
 from piggyback.models.stored_state import decode_stored, encode_stored
 from piggyback.nn import recompute_masked_weights
 from piggyback.optim import build_optimizer, build_scheduler
+from piggyback.utils.inputs import Inputs
 from piggyback.utils.instantiate import build
 
 _BN = nn.modules.batchnorm._BatchNorm
@@ -47,6 +48,7 @@ DEFAULT_MASK = {
     "granularity": "element",
     "soft": False,
     "temperature": 1e-2,
+    "embeddings": False,
 }
 
 
@@ -241,8 +243,10 @@ class PiggybackModule(L.LightningModule):
         self._enforce_frozen_modes()
         return self
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
+    def features(self, x: Inputs) -> torch.Tensor:
+        """The backbone's features of the inputs as the data gives them: an image tensor, or
+        a mapping of tensors (a text batch) that the backbone takes as it is."""
+        if self.channels_last and isinstance(x, torch.Tensor):
             x = x.contiguous(memory_format=torch.channels_last)
         if self.method.backbone_frozen:
             with torch.no_grad():
@@ -250,7 +254,7 @@ class PiggybackModule(L.LightningModule):
         with recompute_masked_weights(self.recompute_masked_weights):
             return self.backbone(x)
 
-    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
+    def forward(self, x: Inputs, task: str | None = None) -> torch.Tensor:
         if task is not None:
             self.set_task(task)
         return self.head(self.features(x))

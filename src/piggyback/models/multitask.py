@@ -62,6 +62,7 @@ from piggyback.nn.convert import (
 from piggyback.taskinfer import PER_CHOICES, Prediction, Strategy
 from piggyback.taskinfer import infer_task as _infer_task
 from piggyback.taskinfer import predict as _predict
+from piggyback.utils.inputs import Inputs, move_inputs, stack_inputs
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -242,8 +243,9 @@ class MultiTaskModel(nn.Module):
         self._loaded = task
 
     # -------------------------------------------------------------- inference
-    def forward(self, x: torch.Tensor, task: str | None = None) -> torch.Tensor:
-        """Logits of ``task`` (default: the current task) for a batch of that one task."""
+    def forward(self, x: Inputs, task: str | None = None) -> torch.Tensor:
+        """Logits of ``task`` (default: the current task) for a batch of that one task (an
+        image tensor, or the mapping of tensors a text backbone takes)."""
         if task is not None:
             self.set_task(task)
         if self.task is None:
@@ -256,14 +258,15 @@ class MultiTaskModel(nn.Module):
     @torch.no_grad()
     def predict_mixed(
         self,
-        requests: Sequence[tuple[torch.Tensor, str]],
+        requests: Sequence[tuple[Inputs, str]],
         *,
         batch_size: int = 64,
         return_logits: bool = False,
     ) -> list[Any]:
         """Predictions for ``[(image, task), ...]`` in the requests' order.
 
-        Images are ``[C, H, W]``. Requests are grouped by task (one switch per task) and
+        Images are ``[C, H, W]``; a text request is a mapping of ``[length]`` tensors (padded
+        to the longest of its batch with 0). Requests are grouped by task (one switch per task) and
         batched; the result holds a class index per request, or its logits (tasks have
         different numbers of classes, so these are a list, not one tensor).
         """
@@ -273,7 +276,7 @@ class MultiTaskModel(nn.Module):
             self.set_task(task)
             for start in range(0, len(positions), batch_size):
                 chunk = positions[start : start + batch_size]
-                x = torch.stack([requests[i][0] for i in chunk]).to(device)
+                x = move_inputs(stack_inputs([requests[i][0] for i in chunk]), device)
                 logits = self(x)
                 values = logits.cpu() if return_logits else logits.argmax(dim=1).tolist()
                 for i, value in zip(chunk, values, strict=True):
@@ -282,7 +285,7 @@ class MultiTaskModel(nn.Module):
 
     # -------------------------------------------------------------- task inference
     def infer_task(
-        self, x: torch.Tensor, strategy: str | Strategy = "entropy", per: str = "batch"
+        self, x: Inputs, strategy: str | Strategy = "entropy", per: str = "batch"
     ) -> str | list[str]:
         """The task of unlabeled inputs ``x``: one name for the batch (``per="batch"``,
         SupSup's setting) or one per input (``per="sample"``, a mixed stream).
@@ -299,7 +302,7 @@ class MultiTaskModel(nn.Module):
             self._restore(current)
 
     def predict(
-        self, x: torch.Tensor, strategy: str | Strategy = "entropy", per: str = "sample"
+        self, x: Inputs, strategy: str | Strategy = "entropy", per: str = "sample"
     ) -> list[Prediction]:
         """``(task, label)`` for every input of ``x`` without task labels: the task from
         ``strategy`` (per input by default), the class from that task's network."""

@@ -19,6 +19,7 @@ from torch import nn
 
 from piggyback.formats import bn_state_dict, load_bn_state
 from piggyback.nn import pretrained_weights
+from piggyback.utils.inputs import move_inputs, num_inputs
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -79,15 +80,16 @@ def feature_mean(
     task: str,
     limit: int | None = None,
 ) -> torch.Tensor:
-    """Mean feature of ``net`` over ``batches`` (``(x, y, ...)``), in float64 then float32.
+    """Mean feature of ``net`` over ``batches`` (``(x, y, ...)``, ``x`` a tensor or a mapping
+    of tensors), in float64 then float32.
 
     Under DDP each rank averages its own shard (rank 0 writes the artifact)."""
     total, count = None, 0
     for batch in itertools.islice(batches, limit):
-        x = batch[0].to(device)
+        x = move_inputs(batch[0], device)
         features = net(x).flatten(1).double()
         total = features.sum(0) if total is None else total + features.sum(0)
-        count += len(x)
+        count += num_inputs(x)
     if total is None:
         raise ValueError(f"task {task!r}: no training batch to compute its prototype")
     return (total / count).float().cpu()

@@ -1,6 +1,7 @@
 """Weight masks (tensor reparametrization), straight-through thresholds, model conversion."""
 
 from piggyback.nn.convert import (
+    EMBEDDING_TYPES,
     MASKABLE_TYPES,
     MaskingError,
     frozen_state_dict,
@@ -49,6 +50,7 @@ from piggyback.nn.threshold import (
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "DEFAULT_THRESHOLD",
+    "EMBEDDING_TYPES",
     "GRANULARITIES",
     "GRAD_RESCALES",
     "MASKABLE_TYPES",

@@ -34,13 +34,21 @@ MASKABLE_TYPES: tuple[type[nn.Module], ...] = (
 )
 """Module types whose forward is known to read its weights through the attribute."""
 
+EMBEDDING_TYPES: tuple[type[nn.Module], ...] = (nn.Embedding,)
+"""Also read through the attribute (``F.embedding(x, self.weight)``), but masked only on
+request (``embeddings=True``): Piggyback's choice is the layers that compute, and a token
+table's rows are the vocabulary, not features."""
+
 
 class MaskingError(ValueError):
     """A weight cannot be masked so that the mask really acts; the message names it."""
 
 
-def weight_names(module: nn.Module) -> tuple[str, ...]:
-    """The weight tensors of ``module`` that Piggyback masks by default."""
+def weight_names(module: nn.Module, embeddings: bool = False) -> tuple[str, ...]:
+    """The weight tensors of ``module`` that Piggyback masks by default (with
+    ``embeddings``, an ``nn.Embedding``'s table too)."""
+    if embeddings and isinstance(module, EMBEDDING_TYPES):
+        return ("weight",)
     if isinstance(module, nn.MultiheadAttention):
         if module._qkv_same_embed_dim:
             return ("in_proj_weight",)
@@ -63,10 +71,11 @@ def _check_maskable(model: nn.Module, module_name: str, module: nn.Module, pname
     where = (
         f"{_qualified(module_name, pname)!r} ({type(module).__module__}.{type(module).__name__})"
     )
-    if not isinstance(module, MASKABLE_TYPES):
+    if not isinstance(module, MASKABLE_TYPES + EMBEDDING_TYPES):
         raise MaskingError(
-            f"cannot mask {where}: only conv, linear and nn.MultiheadAttention weights are "
-            "known to be read through their attribute; exclude it or target its sub-layers"
+            f"cannot mask {where}: only conv, linear, embedding and nn.MultiheadAttention "
+            "weights are known to be read through their attribute; exclude it or target its "
+            "sub-layers"
         )
     if hasattr(module, "parametrizations"):
         raise MaskingError(
@@ -103,6 +112,7 @@ def mask_model(
     granularity: str = "element",
     soft: bool = False,
     temperature: float = DEFAULT_TEMPERATURE,
+    embeddings: bool = False,
 ) -> nn.Module:
     """Gate, in place, every conv/linear/attention weight of ``model`` by a learned mask.
 
@@ -118,6 +128,10 @@ def mask_model(
     :func:`~piggyback.nn.layers.unit_shape`) sets how many weights share one mask value;
     ``soft`` adds KSM's learned scale per unit, trained with the softmax trick at
     ``temperature`` (see :class:`~piggyback.nn.layers.WeightMask`).
+
+    ``embeddings=True`` adds every ``nn.Embedding`` table (a transformer's token, position
+    and segment embeddings) to the weights that are masked by default and that wildcards
+    select; without it they stay unmasked (an exact parameter name still masks one).
     """
     exclude = tuple(exclude)
     patterns = None if target is None else tuple(target)
@@ -136,15 +150,16 @@ def mask_model(
     for module_name, module in model.named_modules():
         if module_name.endswith(MASKS_ATTR) or isinstance(module, WeightMask):
             continue
+        defaults = weight_names(module, embeddings)
         if patterns is None:
-            candidates = weight_names(module)
+            candidates = defaults
         else:
             candidates = []
             own = [n for n, _ in module.named_parameters(recurse=False)]
             for pname in own:
                 qualified = _qualified(module_name, pname)
                 hit = [p for p in patterns if fnmatch.fnmatchcase(qualified, p)]
-                if pname in weight_names(module):
+                if pname in defaults:
                     hit += [p for p in patterns if fnmatch.fnmatchcase(module_name, p)]
                 else:  # wildcards pick maskable weights only; an exact name is a request
                     hit = [p for p in hit if p == qualified]

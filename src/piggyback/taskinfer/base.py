@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from piggyback.formats import ArtifactError, TaskArtifact, bn_state_dict, load_bn_state
+from piggyback.utils.inputs import num_inputs, select_inputs
 
 PER_CHOICES: tuple[str, ...] = ("batch", "sample")
 REGISTRY: dict[str, type[Strategy]] = {}
@@ -138,7 +139,7 @@ def infer(
     best = scores.values.argmax(dim=1).tolist()
     tasks = [host.tasks[i] for i in best]
     if per == "batch":
-        tasks = tasks * len(x)
+        tasks = tasks * num_inputs(x)
     return tasks, scores
 
 
@@ -160,7 +161,7 @@ def _classes(host: TaskInferenceHost, x: torch.Tensor, tasks: list[str], scores:
         if scores.logits is not None:
             logits = scores.logits[task][positions]
         else:
-            logits = host(x[positions], task=task)
+            logits = host(select_inputs(x, positions), task=task)
         for i, label in zip(positions, logits.argmax(dim=1).tolist(), strict=True):
             labels[i] = label
     return labels

@@ -53,6 +53,7 @@ from piggyback.taskinfer.base import (
     bn_state,
     normalized_entropy,
 )
+from piggyback.utils.inputs import inputs_device, num_inputs, select_inputs
 
 _CACHE_KEY = "oneshot"
 
@@ -127,7 +128,8 @@ class OneShot(Strategy):
     def batch_scores(self, host: TaskInferenceHost, x: torch.Tensor) -> Scores:
         backbone, stacks, bn = self.superposition(host)
         tasks = host.tasks
-        alphas = torch.full((len(tasks),), 1.0 / len(tasks), device=x.device, requires_grad=True)
+        device = inputs_device(x)
+        alphas = torch.full((len(tasks),), 1.0 / len(tasks), device=device, requires_grad=True)
         with torch.enable_grad(), bn_state(backbone, bn), superposed(backbone, stacks, alphas):
             features = backbone(x)
             objective = sum(
@@ -139,5 +141,8 @@ class OneShot(Strategy):
 
     def sample_scores(self, host: TaskInferenceHost, x: torch.Tensor) -> Scores:
         """The batch rule on each input alone (one forward + backward per input)."""
-        rows = [self.batch_scores(host, x[i : i + 1]).values for i in range(len(x))]
+        rows = [
+            self.batch_scores(host, select_inputs(x, slice(i, i + 1))).values
+            for i in range(num_inputs(x))
+        ]
         return Scores(torch.cat(rows))
