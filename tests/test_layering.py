@@ -41,8 +41,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("formats", ("formats",)),
     # one class per method + registry; applying and extracting artifacts
     ("methods", ("methods",)),
-    # the LightningModule, the multi-task model, task storage, task inference
-    ("models", ("models", "taskinfer")),
+    # the LightningModule, the multi-task model, task storage, task inference; the PEFT-style
+    # API for use outside the Hydra app (api)
+    ("models", ("models", "taskinfer", "api")),
     # the steps train and evaluate are made of, their guards and reports, the config checks
     ("steps", ("training", "evaluation", "config")),
 ]

@@ -8,7 +8,7 @@ with frozen BN are restored to.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -29,7 +29,12 @@ def _hash_tensor(digest: Any, key: str, tensor: torch.Tensor) -> None:
     digest.update(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def fingerprint(backbone: nn.Module, *, bn_state: Mapping[str, torch.Tensor] | None = None) -> str:
+def fingerprint(
+    backbone: nn.Module,
+    *,
+    bn_state: Mapping[str, torch.Tensor] | None = None,
+    exclude: Iterable[str] = (),
+) -> str:
     """SHA-256 of everything a task's predictions depend on in the frozen backbone.
 
     That is the whole state dict except the per-task masks: conv/linear/attention weights
@@ -37,9 +42,14 @@ def fingerprint(backbone: nn.Module, *, bn_state: Mapping[str, torch.Tensor] | N
     same weights but other BN statistics predict differently), embeddings, LayerNorms.
     ``bn_state`` (the pretrained BN state) replaces the live BN tensors, so a backbone that
     currently runs a task with its own trained BN still fingerprints as the pretrained one.
+    ``exclude`` names modules whose tensors are left out (per-task modules that train in
+    place, such as a classifier of the PEFT-style API's ``modules_to_save``).
     """
     digest = hashlib.sha256()
     state = frozen_state_dict(backbone)
+    prefixes = tuple(f"{name}." for name in exclude)
+    if prefixes:
+        state = {k: v for k, v in state.items() if not k.startswith(prefixes)}
     if bn_state is not None:
         state.update({k: v for k, v in bn_state.items() if k in state})
     for key, tensor in state.items():
