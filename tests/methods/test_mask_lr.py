@@ -22,7 +22,7 @@ def test_lr_scale_leaves_the_binary_masks_rate_alone_unless_asked():
     assert paper.lr == pytest.approx({"masks": 1e-3, "head": 1e-3, "bn": 1e-3})
     assert Piggyback(lr={"masks": 1e-3}, lr_scale=3).lr["masks"] == pytest.approx(1e-3)
     cpg = CPG(lr_scale=10).lr
-    assert cpg["masks"] == pytest.approx(1e-4) and cpg["backbone"] == pytest.approx(5e-3)
+    assert cpg["masks"] == pytest.approx(1e-4) and cpg["backbone"] == pytest.approx(1e-2)
 
 
 @pytest.mark.parametrize("scale_mask_lr", [False, True])
