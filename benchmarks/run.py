@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable
 
 import torch
-from bench.cli import parse_args
+from bench.cli import OPT_IN, parse_args
 from bench.compiled import bench_compile, compile_child
 from bench.faults import bench_faults
 from bench.inference import bench_inference
 from bench.loader import bench_loader
 from bench.memory import bench_memory, memory_child
+from bench.precision import bench_precision
 from bench.report import note, section
 from bench.step import bench_training
 from bench.switch import bench_switch_and_artifacts
@@ -40,6 +41,7 @@ SECTION_FNS: dict[str, Callable[[argparse.Namespace], None]] = {
     "memory": bench_memory,
     "loader": bench_loader,
     "faults": bench_faults,
+    "precision": bench_precision,
 }
 """Every section, in the order they run; ``bench.cli.SECTIONS`` is ``--only``'s copy."""
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     start = time.perf_counter()
     for name, fn in SECTION_FNS.items():
-        if args.only and name not in args.only:
+        if (args.only and name not in args.only) or (not args.only and name in OPT_IN):
             continue
         with section(name):
             fn(args)

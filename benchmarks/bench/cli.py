@@ -23,8 +23,19 @@ RUN_PY = Path(__file__).resolve().parents[1] / "run.py"
 DESCRIPTION = (
     "Performance figures of issue 6, one line each, every line a ratio against its target."
 )
-SECTIONS = ("train", "compile", "inference", "switch", "memory", "loader", "faults")
+SECTIONS = (
+    "train",
+    "compile",
+    "inference",
+    "switch",
+    "memory",
+    "loader",
+    "faults",
+    "precision",
+)
 """``--only``'s choices, in the order ``run.py`` runs them."""
+OPT_IN = ("precision",)
+"""Sections that run only when ``--only`` names them (not part of the full run)."""
 LEAN_ARGV = ("--optimizer", "lean", "--recompute", "--step-in-backward")
 """method=piggyback_lean (LeanAdam stepped in backward) + model.recompute_masked_weights"""
 
@@ -52,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--threads", type=int, help="intra-op threads; default 1 on cpu")
     p.add_argument("--rounds", type=int, help="timed rounds per variant")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="piggyback",
+        help="the method whose step the precision section times",
+    )
     p.add_argument("--zeros", type=float, default=0.07, help="mask zero fraction")
     p.add_argument("--peak-tflops", type=float, help="bf16 peak of the GPU, if not known")
     p.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")

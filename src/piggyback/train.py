@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
@@ -23,7 +25,7 @@ from piggyback.config.validate import ConfigError, check_config
 from piggyback.data.base import TaskDataModule
 from piggyback.evaluation.task_report import check_task_inference, sequence_task_inference
 from piggyback.training.interrupt import Interrupted, report_interrupt
-from piggyback.training.records import print_tables, run_summary
+from piggyback.training.records import finished_metrics, print_tables, run_info, run_summary
 from piggyback.training.run_folder import RunFolder
 from piggyback.training.sequence import AccuracyMatrix, continual_learning, task_configs
 from piggyback.training.task import build_module, train_task
@@ -52,12 +54,24 @@ __all__ = [
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train every task of ``cfg.data`` on one backbone; returns flat metrics.
 
-    One run per output folder: another run holding it is refused at once (``RunLocked``)."""
+    One run per output folder: another run holding it is refused at once (``RunLocked``).
+    ``skip_finished=true``: a folder that already holds a finished run's ``metrics.json`` is
+    not run again (its metrics are returned), so a sweep run twice resumes."""
     with RunLock(cfg.paths.output_dir):  # before any work
+        if cfg.get("skip_finished", False):
+            finished = finished_metrics(Path(cfg.paths.output_dir))
+            if finished is not None:
+                print(
+                    f"skipped: {cfg.paths.output_dir} holds a finished run (skip_finished=true; "
+                    "delete its metrics.json to run it again)",
+                    flush=True,
+                )
+                return finished
         return _train(cfg)
 
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
+    start = time.perf_counter()
     tasks = task_configs(cfg.data)
     check_config(cfg, tasks)
     check_task_inference(cfg)  # task inference: strategy names, oneshot needs masks
@@ -83,6 +97,14 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         inference = sequence_task_inference(cfg, matrix.learned)  # at the end of the cl block
         if inference is not None:
             summary["cl"]["task_inference"] = inference
+    hydra_cfg = HydraConfig.get() if HydraConfig.initialized() else None
+    summary["run"] = run_info(
+        cfg,
+        lr=module.method.lr if module is not None else None,
+        seconds=time.perf_counter() - start,
+        overrides=list(hydra_cfg.overrides.task) if hydra_cfg else None,
+        choices=dict(hydra_cfg.runtime.choices) if hydra_cfg else None,
+    )
     if module is None or module.trainer is None or module.trainer.is_global_zero:
         folder.write_metrics(summary)
     if cfg.get("print_table", True):

@@ -21,12 +21,14 @@ from piggyback.data.base import TaskDataModule
 from piggyback.formats import save_artifact
 from piggyback.models.module import PiggybackModule
 from piggyback.training.assembly import build_loggers, finish_loggers, task_trainer
+from piggyback.training.collapse import CollapseMonitor
 from piggyback.training.interrupt import fit_or_interrupt
 from piggyback.training.run_folder import RunFolder
 from piggyback.utils.instantiate import build, to_dict
 
 __all__ = [
     "build_module",
+    "collapse_record",
     "compile_module",
     "export_artifact",
     "prepare_task",
@@ -140,6 +142,17 @@ def export_artifact(
     }
 
 
+def collapse_record(trainer: Any) -> dict[str, Any]:
+    """``collapsed`` (whether the collapse warning fired while fitting) and the epochs it
+    fired in, from the Trainer's :class:`CollapseMonitor`; nothing without a monitor
+    (``callbacks=none``), where a collapse goes unchecked."""
+    monitors = [c for c in trainer.callbacks if isinstance(c, CollapseMonitor)]
+    if not monitors:
+        return {}
+    epochs = sorted({e for m in monitors for e in m.collapsed_epochs})
+    return {"collapsed": bool(epochs), "collapse_epochs": epochs}
+
+
 def train_task(
     cfg: DictConfig,
     data: DictConfig | TaskDataModule,
@@ -179,6 +192,8 @@ def train_task(
 
     record: dict[str, Any] = {"task": task, "method": module.method.name, **metrics}
     record["train_seconds"] = train_seconds
+    if train_seconds is not None:  # fitted here: whether the loss sat at chance
+        record.update(collapse_record(trainer))
     record["datamodule"] = datamodule  # for the continual-learning evaluation; not saved
     if "masks/zeros" in metrics:
         record["masked_off"] = metrics["masks/zeros"]

@@ -1,0 +1,223 @@
+"""The family table (issue 35): run it resumably, gather its records, render its pages.
+
+    python benchmarks/family.py run --out runs/family paths.data_dir=../shared/data
+    python benchmarks/family.py gather runs/family        # -> results/family.json + render
+    python benchmarks/family.py render                    # docs/results.md, README.md, plots
+    python benchmarks/family.py render --check            # exit 1 if a page is out of date
+
+``run``: every method of ``conf/experiment/family.yaml`` (fine-tuning first), each at every
+``method.lr_scale`` of its grid at the first seed, then the scale with the best mean
+*validation* accuracy at the other seeds; CPG gets the fine-tuning run of its seed as its
+reference (``method.reference``, the paper's goal). One ``train.py`` process per run, into
+``<out>/<method>/lr<scale>/seed<seed>``; a folder that holds a finished run (its
+``metrics.json``) is skipped, so running the command again resumes where it stopped. Extra
+arguments go to every ``train.py`` as Hydra overrides.
+
+``gather``: every finished run under the folders into ``results/family.json``
+(``family_data``), then ``render`` unless ``--no-render``. ``render``: the README's headline
+table, docs/results.md's generated section and the two plots in docs/, from the JSON alone
+(``family_render``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import family_data
+import family_render
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT = REPO / "conf" / "experiment" / "family.yaml"
+RESULTS = REPO / "results" / "family.json"
+README = REPO / "README.md"
+DOCS = REPO / "docs" / "results.md"
+FIRST = ("finetune",)
+"""Run before the others: CPG's reference is the fine-tuning run of the same seed."""
+
+Launch = Callable[[list[str], Path], int]
+"""Runs one ``train.py`` command (overrides) into a run folder; returns its exit code."""
+
+
+def sweep_params(path: Path = EXPERIMENT) -> tuple[list[str], list[str], list[str]]:
+    """(methods, lr scales, seeds) of the experiment's sweep: the protocol's one source."""
+    params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
+    methods, scales, seeds = (
+        [v.strip() for v in str(params[key]).split(",")]
+        for key in ("method", "method.lr_scale", "seed")
+    )
+    order = [m for m in FIRST if m in methods] + [m for m in methods if m not in FIRST]
+    return order, scales, seeds
+
+
+def run_dir(out: Path, method: str, scale: str, seed: str) -> Path:
+    """Where a run goes; the same layout as ``train.py -m experiment=family``."""
+    return out / method / f"lr{scale}" / f"seed{seed}"
+
+
+def finished(folder: Path) -> bool:
+    """Whether ``folder`` holds a finished run (``metrics.json`` with its ``run`` block)."""
+    try:
+        return "run" in json.loads((folder / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def train_command(
+    method: str, scale: str, seed: str, folder: Path, overrides: Sequence[str]
+) -> list[str]:
+    """The overrides of one run (``overwrite_artifacts``: a killed run's artifacts are redone)."""
+    return [
+        "experiment=family",
+        f"method={method}",
+        f"method.lr_scale={scale}",
+        f"seed={seed}",
+        f"hydra.run.dir={folder}",
+        "overwrite_artifacts=true",
+        *overrides,
+    ]
+
+
+def subprocess_launch(overrides: list[str], folder: Path) -> int:
+    """``python train.py <overrides>``, its output on this console."""
+    print("+ python train.py " + " ".join(overrides), file=sys.stderr, flush=True)
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *overrides]).returncode
+
+
+def chosen_scale(out: Path, method: str, scales: Sequence[str], seed: str) -> str | None:
+    """The grid's scale with the best mean validation accuracy at ``seed`` (None: no run)."""
+    runs = []
+    for scale in scales:
+        path = run_dir(out, method, scale, seed) / "metrics.json"
+        record = family_data.run_record(path) if path.is_file() else None
+        if record is not None:
+            runs.append({**record, "lr_scale": float(scale)})
+    if not runs:
+        return None
+    best, _ = family_data.choose_scale(runs)
+    return next(s for s in scales if float(s) == best)
+
+
+def run_family(
+    out: Path,
+    *,
+    methods: Sequence[str],
+    scales: Sequence[str],
+    seeds: Sequence[str],
+    overrides: Sequence[str] = (),
+    launch: Launch = subprocess_launch,
+) -> list[str]:
+    """Every run of the protocol not yet finished; returns the runs that failed."""
+    failed: list[str] = []
+
+    def ensure(method: str, scale: str, seed: str) -> None:
+        folder = run_dir(out, method, scale, seed)
+        if finished(folder):
+            print(f"skip {folder}: finished", file=sys.stderr, flush=True)
+            return
+        extra = list(overrides)
+        if method == "cpg" and "finetune" in chosen:
+            reference = run_dir(out, "finetune", chosen["finetune"], seed) / "metrics.json"
+            if reference.is_file():
+                extra.append(f"method.reference={reference.resolve()}")
+        if launch(train_command(method, scale, seed, folder.resolve(), extra), folder) != 0:
+            failed.append(str(folder))
+
+    chosen: dict[str, str] = {}
+    for method in methods:
+        for scale in scales:
+            ensure(method, scale, seeds[0])
+        best = chosen_scale(out, method, scales, seeds[0])
+        if best is None:
+            print(f"{method}: no finished run at seed {seeds[0]}; its seeds wait", file=sys.stderr)
+            continue
+        chosen[method] = best
+        print(f"{method}: lr_scale {best} chosen on validation", file=sys.stderr, flush=True)
+        for seed in seeds[1:]:
+            ensure(method, best, seed)
+    return failed
+
+
+def render(results_path: Path, *, check: bool = False, plots: bool = True) -> list[Path]:
+    """Write (or with ``check`` compare) the README block, the docs block and the plots;
+    returns the pages that differ from what the results render to."""
+    results = json.loads(results_path.read_text())
+    stale = []
+    pages = {
+        README: (family_render.README_MARKER, family_render.readme_block(results)),
+        DOCS: (family_render.DOCS_MARKER, family_render.docs_block(results)),
+    }
+    for page, (marker, body) in pages.items():
+        text = page.read_text()
+        new = family_render.replace_block(text, marker, body)
+        if new != text:
+            stale.append(page)
+            if not check:
+                page.write_text(new)
+    if plots and not check:
+        family_render.plot_accuracy_bytes(results, DOCS.parent / family_render.BYTES_PLOT)
+        family_render.plot_matrix(results, DOCS.parent / family_render.MATRIX_PLOT)
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every unfinished run of the protocol")
+    run.add_argument("--out", type=Path, default=Path("runs/family"))
+    run.add_argument("--methods", type=lambda t: t.split(","), help="a subset, comma-separated")
+    run.add_argument("--seeds", type=lambda t: t.split(","), help="default: the experiment's")
+    run.add_argument("--scales", type=lambda t: t.split(","), help="default: the experiment's")
+    gather = sub.add_parser("gather", help="records -> results/family.json, then render")
+    gather.add_argument("roots", type=Path, nargs="+", help="folders of runs (any depth)")
+    gather.add_argument("--out", type=Path, default=RESULTS)
+    gather.add_argument("--no-render", action="store_true")
+    show = sub.add_parser("render", help="results/family.json -> README, docs, plots")
+    show.add_argument("results", type=Path, nargs="?", default=RESULTS)
+    show.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and args.command != "run":
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    try:
+        if args.command == "run":
+            methods, scales, seeds = sweep_params()
+            failed = run_family(
+                args.out,
+                methods=args.methods or methods,
+                scales=args.scales or scales,
+                seeds=args.seeds or seeds,
+                overrides=overrides,
+            )
+            if failed:
+                fail(f"{len(failed)} run(s) failed (see above): {', '.join(failed)}")
+            return
+        if args.command == "gather":
+            path = family_data.write_results(family_data.gather(args.roots), args.out)
+            print(f"wrote {path}", file=sys.stderr)
+            if args.no_render:
+                return
+            args.results, args.check = path, False
+        stale = render(args.results, check=args.check)
+        if args.check and stale:
+            print(
+                f"out of date: {', '.join(map(str, stale))}; run python benchmarks/family.py "
+                "render",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
+    except (family_data.FamilyError, family_render.MarkerError, OSError) as exc:
+        fail(str(exc))
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()

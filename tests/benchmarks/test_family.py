@@ -1,0 +1,266 @@
+"""`benchmarks/family.py`: run records gathered into results/family.json, the tables and plots
+rendered from it (numbers checked), the lr chosen on validation, the resumable runner, and the
+README's headline table kept equal to what the committed results render to.
+
+Run folders are written with the code train.py uses (``run_summary``, ``cl_summary``,
+``run_info``), so the records are in the real format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from piggyback.models.testing import markdown_rows
+from piggyback.scores.continual import cl_summary
+from piggyback.training.records import run_info, run_summary
+
+REPO = Path(__file__).resolve().parents[2]
+TASKS = ("signs", "tiles", "cifar10_small")
+PAGE = "intro\n<!-- {m}:begin -->\nold\n<!-- {m}:end -->\noutro\n"
+
+
+@pytest.fixture
+def family(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import family
+
+    return family
+
+
+def write_run(
+    folder: Path,
+    method: str,
+    seed: int,
+    scale: float,
+    final: tuple[float, ...],
+    *,
+    val: float,
+    first: tuple[float, ...] | None = None,
+    task_bytes: int = 500_000,
+    masked_off: float | None = None,
+    collapsed: tuple[str, ...] = (),
+) -> None:
+    """A finished run of the three-task sequence, as train.py writes it (metrics.json with
+    its cl and run blocks, .hydra/config.yaml). ``first``: the accuracy matrix's diagonal."""
+    first = first or final
+    cfg = OmegaConf.create(
+        {
+            "seed": seed,
+            "backbone": {"name": "efficientnet_lite0"},
+            "method": {"name": method, "lr_scale": scale},
+            "data": {"image_size": 64, "batch_size": 32},
+            "trainer": {"max_epochs": 10, "limit_train_batches": 15, "precision": "32-true"},
+            "model": {"channels_last": True},
+        }
+    )
+    records = []
+    for i, task in enumerate(TASKS):
+        record = {"task": task, "method": method, "test/acc": first[i], "val/acc": val}
+        record |= {"task_bytes": task_bytes, "train_seconds": 10.0 * (i + 1)}
+        record |= {
+            "collapsed": task in collapsed,
+            "collapse_epochs": [3] if task in collapsed else [],
+        }
+        if masked_off is not None:
+            record["masked_off"] = masked_off
+        records.append(record)
+    matrix = [[first[0], None, None], [final[0], first[1], None], list(final)]
+    summary = run_summary(cfg, records)
+    summary["cl"] = cl_summary(
+        list(TASKS),
+        matrix,
+        task_bytes=[r["task_bytes"] for r in records],
+        train_seconds=[r["train_seconds"] for r in records],
+    )
+    overrides = [f"method={method}", f"method.lr_scale={scale:g}", f"seed={seed}"]
+    summary["run"] = run_info(
+        cfg, lr={"head": 1e-4 * scale}, seconds=300.0, overrides=overrides,
+        choices={"method": method},
+    )  # fmt: skip
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(OmegaConf.to_container(cfg)))
+    (folder / "metrics.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """finetune at x1 (chosen) and x3 (better test, worse val); piggyback at x1 (chosen, three
+    seeds, tiles collapsed at seed 1) and x10."""
+    root = tmp_path / "runs"
+    write_run(root / "finetune/lr1/seed0", "finetune", 0, 1, (0.8, 0.6, 0.9), val=0.7,
+              task_bytes=13_730_000)  # fmt: skip
+    write_run(root / "finetune/lr1/seed1", "finetune", 1, 1, (0.6, 0.4, 0.7), val=0.7,
+              task_bytes=13_730_000)  # fmt: skip
+    write_run(root / "finetune/lr3/seed0", "finetune", 0, 3, (0.99, 0.99, 0.99), val=0.5,
+              task_bytes=13_730_000)  # fmt: skip
+    pb = {"masked_off": 0.004, "val": 0.8}
+    write_run(root / "piggyback/lr1/seed0", "piggyback", 0, 1, (0.7, 0.5, 0.8), **pb)
+    write_run(root / "piggyback/lr1/seed1", "piggyback", 1, 1, (0.9, 0.6, 0.8), **pb,
+              collapsed=("tiles",))  # fmt: skip
+    write_run(root / "piggyback/lr1/seed2", "piggyback", 2, 1, (0.6, 0.4, 0.8), **pb)
+    write_run(root / "piggyback/lr10/seed0", "piggyback", 0, 10, (0.1, 0.1, 0.1), val=0.3,
+              masked_off=0.5)  # fmt: skip
+    return root
+
+
+@pytest.fixture
+def pages(family, tmp_path, monkeypatch) -> dict[str, Path]:
+    """README and docs/results.md stand-ins with the markers, in tmp_path."""
+    (tmp_path / "docs").mkdir()
+    readme, docs = tmp_path / "README.md", tmp_path / "docs" / "results.md"
+    readme.write_text(PAGE.format(m="family-headline"))
+    docs.write_text(PAGE.format(m="family"))
+    monkeypatch.setattr(family, "README", readme)
+    monkeypatch.setattr(family, "DOCS", docs)
+    return {"readme": readme, "docs": docs}
+
+
+def _score(acc: float, ref: float) -> float:
+    """The Visual Decathlon score of one domain against a reference accuracy."""
+    e, e_max = 1 - acc, 2 * (1 - ref)
+    return 1000 * max(0.0, e_max - e) ** 2 / e_max**2
+
+
+def test_gather_chooses_on_validation_and_renders_mean_and_std(family, runs, pages, tmp_path):
+    out = tmp_path / "results" / "family.json"
+    family.main(["gather", str(runs), "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["tasks"] == list(TASKS) and results["near"] == ["cifar10_small"]
+    # x1 wins on validation although x3's test accuracy is higher
+    assert results["methods"]["finetune"]["lr_scale"] == 1.0
+    assert results["methods"]["finetune"]["grid_val"] == pytest.approx({"1": 0.7, "3": 0.5})
+    assert [r["seed"] for r in results["methods"]["piggyback"]["runs"]] == [0, 1, 2]
+    run = results["methods"]["piggyback"]["runs"][1]
+    assert run["collapsed"] == {"signs": False, "tiles": True, "cifar10_small": False}
+    assert run["command"] == "python train.py method=piggyback method.lr_scale=1 seed=1"
+    for key in ("commit", "torch", "machine", "cpu_count", "date", "seconds", "lr"):
+        assert key in run
+
+    readme = pages["readme"].read_text()
+    assert readme.startswith("intro\n<!-- family-headline:begin -->\n| method |")
+    assert readme.endswith("<!-- family-headline:end -->\noutro\n")
+    table = markdown_rows(readme)
+    assert table["method"] == [
+        "lr ×", "seeds", "mean (2 domains)", "cifar10_small", "S", "bytes / task", "BWT",
+        "masked off", "collapsed",
+    ]  # fmt: skip
+    assert list(table)[1:] == ["piggyback", "finetune"]  # best mean first
+    # finetune: domain means 0.7 and 0.5 -> 60.0 ± 14.1; the reference is its seed mean
+    # (signs 0.7, tiles 0.5), so S per seed: 444.4 + 360 and 111.1 + 160
+    s0 = _score(0.8, 0.7) + _score(0.6, 0.5)
+    s1 = _score(0.6, 0.7) + _score(0.4, 0.5)
+    assert (round(s0, 1), round(s1, 1)) == (804.4, 271.1)
+    assert table["finetune"] == [
+        "1", "2", "60.0 ± 14.1", "80.0 ± 14.1", "538 ± 377", "13.73 MB", "+0.0 ± 0.0", "-", "0",
+    ]  # fmt: skip
+    # piggyback: domain means 0.6, 0.75, 0.5 -> 61.7 ± 12.6
+    scores = [_score(a, 0.7) + _score(b, 0.5) for a, b in ((0.7, 0.5), (0.9, 0.6), (0.6, 0.4))]
+    assert [round(s) for s in scores] == [500, 1054, 271]  # mean 608.5, std 402.8
+    assert table["piggyback"] == [
+        "1", "3", "61.7 ± 12.6", "80.0 ± 0.0", "609 ± 403", "0.50 MB", "+0.0 ± 0.0",
+        "0.40 %", "1: tiles s1",
+    ]  # fmt: skip
+
+    docs = pages["docs"].read_text()
+    rows = markdown_rows(docs.split("Final test accuracy per task")[1])
+    assert rows["piggyback"] == ["73.3 ± 15.3", "50.0 ± 10.0 †", "80.0 ± 0.0", "15", "5.0"]
+    date = results["methods"]["piggyback"]["runs"][0]["date"][:10]
+    assert f"Runs: 5, {date}, on " in docs  # the chosen scale's runs, when and where
+    assert "grid `method.lr_scale` 1, 3, 10" in docs
+    assert "family_accuracy_vs_bytes.png" in docs and "family_accuracy_matrix.png" in docs
+    for name in ("family_accuracy_vs_bytes.png", "family_accuracy_matrix.png"):
+        png = tmp_path / "docs" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_fails_when_a_page_differs_from_the_results(family, runs, pages, tmp_path):
+    out = tmp_path / "family.json"
+    family.main(["gather", str(runs), "--out", str(out)])
+    family.main(["render", str(out), "--check"])  # up to date: no exit
+    pages["readme"].write_text(pages["readme"].read_text().replace("61.7", "99.9"))
+    with pytest.raises(SystemExit) as stop:
+        family.main(["render", str(out), "--check"])
+    assert stop.value.code == 1
+    family.main(["render", str(out)])
+    family.main(["render", str(out), "--check"])
+
+
+def test_a_page_without_markers_is_an_error(family, runs, pages, tmp_path, capsys):
+    pages["readme"].write_text("no markers\n")
+    with pytest.raises(SystemExit) as stop:
+        family.main(["gather", str(runs), "--out", str(tmp_path / "r.json")])
+    assert stop.value.code == 2
+    assert "family-headline:begin" in capsys.readouterr().err
+
+
+def test_no_finished_run_is_an_error(family, tmp_path, capsys):
+    (tmp_path / "empty" / "killed").mkdir(parents=True)
+    (tmp_path / "empty" / "killed" / "metrics.json").write_text('{"tasks": {}}')  # no run block
+    with pytest.raises(SystemExit) as stop:
+        family.main(["gather", str(tmp_path / "empty"), "--no-render"])
+    assert stop.value.code == 2
+    assert "no finished run" in capsys.readouterr().err
+
+
+def test_the_runner_chooses_at_seed_0_then_skips_finished_runs(family, tmp_path):
+    out = tmp_path / "runs"
+    launched = []
+    vals = {"1": 0.5, "3": 0.9, "10": 0.1}
+
+    def launch(overrides: list[str], folder: Path) -> int:
+        options = dict(o.split("=", 1) for o in overrides)
+        launched.append(options)
+        method, seed, scale = options["method"], options["seed"], options["method.lr_scale"]
+        write_run(folder, method, int(seed), float(scale), (0.5, 0.5, 0.5), val=vals[scale])
+        return 0
+
+    kwargs = {"methods": ["finetune", "cpg"], "scales": ["1", "3", "10"], "seeds": ["0", "1"]}
+    assert family.run_family(out, launch=launch, overrides=["x=1"], **kwargs) == []
+    done = [(o["method"], o["method.lr_scale"], o["seed"]) for o in launched]
+    assert done == [
+        ("finetune", "1", "0"), ("finetune", "3", "0"), ("finetune", "10", "0"),
+        ("finetune", "3", "1"),
+        ("cpg", "1", "0"), ("cpg", "3", "0"), ("cpg", "10", "0"), ("cpg", "3", "1"),
+    ]  # fmt: skip
+    assert all(o["x"] == "1" and o["overwrite_artifacts"] == "true" for o in launched)
+    # CPG's reference: the fine-tuning run of its seed at fine-tuning's chosen scale
+    assert launched[-1]["method.reference"] == str(
+        (out / "finetune/lr3/seed1/metrics.json").resolve()
+    )
+    assert launched[-1]["hydra.run.dir"] == str((out / "cpg/lr3/seed1").resolve())
+
+    launched.clear()
+    assert family.run_family(out, launch=launch, **kwargs) == []
+    assert launched == []  # run again: everything is finished, nothing is launched
+
+
+def test_a_failed_run_is_reported_and_the_others_go_on(family, tmp_path):
+    def launch(overrides: list[str], folder: Path) -> int:
+        return 1
+
+    failed = family.run_family(
+        tmp_path, launch=launch, methods=["piggyback"], scales=["1"], seeds=["0", "1"]
+    )
+    assert failed == [str(tmp_path / "piggyback/lr1/seed0")]
+
+
+def test_the_protocol_is_read_from_the_experiment(family):
+    methods, scales, seeds = family.sweep_params()
+    assert methods[0] == "finetune" and "piggyback" in methods and "cpg" in methods
+    assert scales == ["1", "3", "10"] and seeds == ["0", "1", "2"]
+    registered = {p.stem for p in (REPO / "conf" / "method").glob("*.yaml")}
+    assert set(methods) == registered - {"piggyback_lean"}  # a memory variant of piggyback
+
+
+def test_readme_headline_table_is_what_the_committed_results_render_to(family):
+    results = REPO / "results" / "family.json"
+    if not results.is_file():
+        pytest.skip("results/family.json is not committed yet: benchmarks/family.py gather")
+    assert family.render(results, check=True, plots=False) == [], (
+        "README.md or docs/results.md differ from results/family.json: "
+        "python benchmarks/family.py render"
+    )
