@@ -28,9 +28,11 @@ Where it differs, and why:
   outputs are exactly those of the pretrained network with some weights switched off.
 - ``target_modules``: names as in PEFT (a list: a module matches when its name is the entry
   or ends with ``.<entry>``; a string: a regular expression the whole name must match;
-  ``"all-linear"``: every ``nn.Linear``), but ``None`` means Piggyback's default, *every*
-  conv / linear / attention weight, not the model type's usual LoRA targets. Embeddings are
-  masked only with ``embeddings=True``.
+  ``"all-linear"``: every ``nn.Linear``, the output layer included unless it is in
+  ``modules_to_save`` or ``exclude_modules``, where PEFT leaves it out), but ``None`` means
+  Piggyback's default, *every* conv / linear / attention weight, not the model type's usual
+  LoRA targets. ``None`` masks ``nn.Embedding`` tables only with ``embeddings=True``; an
+  embedding named in ``target_modules`` is masked.
 - All tasks of one base model mask the same weights (the config is fixed by the first task);
   ``add_task`` takes no config and ``load_task`` refuses a task that masks other weights.
 - ``save_pretrained(dir)`` writes *one* task (the active one, or ``task_name``) per folder:
