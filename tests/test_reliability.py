@@ -76,6 +76,10 @@ SIB = "method.optimizer._target_=piggyback.optim.StepInBackward"
         (("method=piggyback_lean", "+trainer.accumulate_grad_batches=2"), "accumulate_grad"),
         (("method=packnet", SIB), "method=packnet edits gradients after backward"),
         (("method=cpg", SIB), "method=cpg edits gradients after backward"),
+        (
+            ("method=piggyback_lean", "+method.optimizers.masks._target_=torch.optim.Adam"),
+            r"StepInBackward cannot be one of several optimizers",
+        ),
     ],
 )
 def test_step_in_backward_refuses_what_needs_gradients_after_backward(make_cfg, overrides, match):

@@ -49,7 +49,7 @@ def test_fast_dev_run_each_method(make_cfg, method):
     )
     assert artifact.method == cfg.method.name
     assert bool(artifact.masks) == (cfg.method.name == "piggyback")
-    assert bool(artifact.bn_state) == (method == "piggyback_bn")
+    assert bool(artifact.bn_state) == (method in ("piggyback_bn", "packnet", "cpg"))
     assert bool(artifact.weights) == method.startswith("finetune")
     # owner index + owned values (+ CPG's pick bits)
     assert bool(artifact.extra) == (method in ("packnet", "cpg"))

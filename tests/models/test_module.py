@@ -162,10 +162,18 @@ def test_mask_statistics_are_logged(tmp_path, demo_cache):
     assert len(per_layer) == 5  # the demo CNN has 5 convs; its classifier is stripped
 
 
-@pytest.mark.parametrize("method", ["piggyback", "packnet"])
+PRUNED_PACKNET = {
+    "_target_": "piggyback.methods.PackNet",
+    "name": "packnet",
+    "first_task_trains_pretrained": False,
+    "initial_prune": 0.5,
+}
+
+
+@pytest.mark.parametrize("method", ["piggyback", pytest.param(PRUNED_PACKNET, id="packnet")])
 def test_prototype_is_the_pretrained_networks_mean_feature_and_changes_nothing(demo_cache, method):
-    """PackNet has already pruned (zeroed) half the pretrained weights when its first task
-    starts: the prototype must still come from the pretrained values, and the trained state
+    """PackNet with ``initial_prune`` has pruned (zeroed) half the pretrained weights when its
+    first task starts: the prototype must still come from the pretrained values, and the trained state
     must be exactly as before afterwards."""
     module = demo_module(demo_cache, method, mask={"mask_init": "uniform"}).eval()
     pretrained = build_backbone("small_cnn", weights="demo", cache_dir=demo_cache).model.eval()

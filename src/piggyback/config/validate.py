@@ -118,12 +118,7 @@ def _check_step_in_backward(cfg: DictConfig, method: Method) -> None:
         for name, spec in (cfg.method.get("optimizers") or {}).items()
     }
     inner = sorted(n for n, t in per_group.items() if t.endswith("StepInBackward"))
-    if inner or (target.endswith("StepInBackward") and method.optimizers):
-        raise ConfigError(
-            "StepInBackward cannot be one of several optimizers (method.optimizers"
-            f"{': ' + ', '.join(inner) if inner else ''}); use it as method.optimizer alone"
-        )
-    if not target.endswith("StepInBackward"):
+    if not target.endswith("StepInBackward") and not inner:
         return
     trainer = cfg.get("trainer") or {}
     if trainer.get("gradient_clip_val"):
@@ -140,6 +135,11 @@ def _check_step_in_backward(cfg: DictConfig, method: Method) -> None:
         raise ConfigError(
             f"method={method.name} edits gradients after backward, which StepInBackward has "
             "already used and dropped; use the method's own optimizer"
+        )
+    if inner or method.optimizers:
+        raise ConfigError(
+            "StepInBackward cannot be one of several optimizers (method.optimizers"
+            f"{': ' + ', '.join(inner) if inner else ''}); use it as method.optimizer alone"
         )
 
 
