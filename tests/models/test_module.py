@@ -173,8 +173,8 @@ PRUNED_PACKNET = {
 @pytest.mark.parametrize("method", ["piggyback", pytest.param(PRUNED_PACKNET, id="packnet")])
 def test_prototype_is_the_pretrained_networks_mean_feature_and_changes_nothing(demo_cache, method):
     """PackNet with ``initial_prune`` has pruned (zeroed) half the pretrained weights when its
-    first task starts: the prototype must still come from the pretrained values, and the trained state
-    must be exactly as before afterwards."""
+    first task starts: the prototype must still come from the pretrained values, and the
+    trained state must be exactly as before afterwards."""
     module = demo_module(demo_cache, method, mask={"mask_init": "uniform"}).eval()
     pretrained = build_backbone("small_cnn", weights="demo", cache_dir=demo_cache).model.eval()
     x = torch.rand(10, 1, 32, 32)
