@@ -136,8 +136,9 @@ def caption(results: dict[str, Any]) -> str:
         "accuracies (250 per domain for the reference's accuracy, 0 for twice its error). "
         "Bytes / task: what a task adds to the backbone (task_bytes), mean over the domains. "
         "BWT: backward transfer (points). Masked off: weights a task's mask switches off, "
-        "mean over tasks (- for methods without masks). Collapsed: tasks whose training loss "
-        "sat at chance (the collapse warning), as task and seed (- where it was not checked)."
+        "mean over tasks (- for methods without masks). Collapsed: tasks that ended with their "
+        "training loss at chance (the collapse warning for their last epoch), as task and "
+        "seed (- where it was not checked)."
     )
 
 

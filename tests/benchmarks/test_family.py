@@ -8,7 +8,9 @@ Run folders are written with the code train.py uses (``run_summary``, ``cl_summa
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -264,3 +266,24 @@ def test_readme_headline_table_is_what_the_committed_results_render_to(family):
         "README.md or docs/results.md differ from results/family.json: "
         "python benchmarks/family.py render"
     )
+
+
+def test_run_command_launches_train_py_with_one_thread(family, tmp_path, monkeypatch):
+    calls, real_run = [], subprocess.run
+
+    def fake_run(command, env=None, **kwargs):
+        if "train.py" not in str(command[1]):
+            return real_run(command, env=env, **kwargs)  # git, for the record's commit
+        calls.append((command, env))
+        options = dict(o.split("=", 1) for o in command[2:])
+        write_run(Path(options["hydra.run.dir"]), "piggyback", 0, 1.0, (0.5, 0.5, 0.5), val=0.5)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(family.subprocess, "run", fake_run)
+    argv = ["run", "--out", str(tmp_path), "--methods", "piggyback", "--scales", "1"]
+    family.main([*argv, "--seeds", "0", "paths.data_dir=/data"])
+    ((command, env),) = calls
+    assert command[1] == str(REPO / "train.py") and command[-1] == "paths.data_dir=/data"
+    assert env["OMP_NUM_THREADS"] == "1"
+    family.main([*argv, "--seeds", "0"])  # finished: not launched again
+    assert len(calls) == 1

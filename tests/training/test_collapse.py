@@ -74,6 +74,7 @@ def test_warns_on_a_collapsed_network(tmp_path, demo_cache):
     with pytest.warns(UserWarning, match=r"collapsed to a constant output.*method\.lr_scale"):
         trainer = _fit(tmp_path, module, 3, monitor)
     assert monitor.collapsed_epochs == [1, 2]  # the first epoch is not checked
+    assert monitor.last_epoch_collapsed is True
     assert trainer.callback_metrics["train/collapse"].item() == 1.0
 
 
@@ -84,7 +85,7 @@ def test_silent_on_a_healthy_run(tmp_path, demo_cache):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*collapsed.*")
         trainer = _fit(tmp_path, module, 3, monitor, data="base")
-    assert monitor.collapsed_epochs == []
+    assert monitor.collapsed_epochs == [] and monitor.last_epoch_collapsed is False
     assert trainer.callback_metrics["train/collapse"].item() == 0.0
 
 
@@ -113,6 +114,10 @@ def test_chance_level_is_the_entropy_of_the_labels():
         _epoch(monitor, 1, 0.50, [0, 0, 0, 1])  # more than 2 % below chance: learning
         _epoch(CollapseMonitor(after_epochs=1), 0, 0.70, [0, 1])  # first epoch: not checked
     assert monitor.collapsed_epochs == [0]
+    assert monitor.last_epoch_collapsed is False  # warned for epoch 0, recovered in epoch 1
+    unchecked = CollapseMonitor(after_epochs=1)
+    _epoch(unchecked, 0, 0.70, [0, 1])
+    assert unchecked.last_epoch_collapsed is None
     with pytest.warns(UserWarning, match="diverged"):  # far above chance: diverged
         _epoch(CollapseMonitor(), 1, 19.0, [0, 1, 2])
     with pytest.raises(ValueError):

@@ -31,11 +31,18 @@ def test_table_marks_collapsed_tasks_and_names_them_at_the_end():
             "collapse_epochs": [2, 3],
         },  # fmt: skip
         {"task": "c", "method": "piggyback", "test/acc": 0.5},  # not checked
+        {
+            "task": "d",
+            "method": "piggyback",
+            "test/acc": 0.5,
+            "collapsed": False,
+            "collapse_epochs": [1],
+        },  # fmt: skip
     ]
     lines = format_table(records).splitlines()
     assert lines[0].split()[-1] == "collapse"
     assert lines[2].endswith("  no") and lines[3].endswith("  COLLAPSED")
-    assert lines[4].endswith("  -")
+    assert lines[4].endswith("  -") and lines[5].endswith("  recovered (warned: epoch 1)")
     assert lines[-1].startswith("warning: training collapsed in b (epoch 2, 3)")
     assert "warning" not in format_table(records[:1])
 
@@ -43,9 +50,14 @@ def test_table_marks_collapsed_tasks_and_names_them_at_the_end():
 def test_collapse_record_reads_the_trainers_monitor():
     monitor = CollapseMonitor()
     trainer = SimpleNamespace(callbacks=[object(), monitor])
+    assert collapse_record(trainer) == {"collapsed": None, "collapse_epochs": []}  # unchecked
+    monitor.last_epoch_collapsed = False
     assert collapse_record(trainer) == {"collapsed": False, "collapse_epochs": []}
     monitor.collapsed_epochs += [3, 1]
+    monitor.last_epoch_collapsed = True
     assert collapse_record(trainer) == {"collapsed": True, "collapse_epochs": [1, 3]}
+    monitor.last_epoch_collapsed = False  # a slow start that recovered: warned, not collapsed
+    assert collapse_record(trainer) == {"collapsed": False, "collapse_epochs": [1, 3]}
     assert collapse_record(SimpleNamespace(callbacks=[])) == {}  # callbacks=none: unchecked
 
 

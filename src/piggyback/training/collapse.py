@@ -59,6 +59,10 @@ class CollapseMonitor(L.Callback):
         self._seen = 0
         self._labels: Counter[int] = Counter()
         self.collapsed_epochs: list[int] = []
+        # the verdict of the last epoch checked (None: none was): a collapse settles and
+        # stays, while a slow but healthy start can sit at chance for an early epoch and
+        # recover, so the task's record (``collapsed``) follows the last epoch
+        self.last_epoch_collapsed: bool | None = None
 
     @staticmethod
     def _masks(pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
@@ -109,6 +113,8 @@ class CollapseMonitor(L.Callback):
                 and loss >= chance * (1 - self.tolerance)
             )
             metrics["train/collapse"] = float(collapsed)
+            if trainer.current_epoch >= self.after_epochs and chance > 0:
+                self.last_epoch_collapsed = collapsed
             if collapsed:
                 self.collapsed_epochs.append(trainer.current_epoch)
                 classes = getattr(getattr(pl_module, "head", None), "out_features", None)

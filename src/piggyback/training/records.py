@@ -68,8 +68,9 @@ def run_summary(cfg: DictConfig, records: list[dict[str, Any]]) -> dict[str, Any
 
 def format_table(records: list[dict[str, Any]]) -> str:
     """One line per task: test accuracy, share of weights masked off, artifact size, and
-    ``COLLAPSED`` where the collapse warning fired during the task's training (followed by
-    a line that names those tasks, so the warning does not scroll away unseen)."""
+    ``COLLAPSED`` where the task ended collapsed (the collapse warning fired for its last
+    epoch; followed by a line that names those tasks, so the warning does not scroll away
+    unseen), ``recovered`` where it fired for earlier epochs only, ``-`` if unchecked."""
     lines = [
         f"{'task':<18} {'method':<20} {'test acc':>9} {'masked off':>11} {'artifact':>10}"
         f"  collapse",
@@ -80,6 +81,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
         off = f"{100 * r['masked_off']:.2f}%" if "masked_off" in r else "-"
         size = f"{r['artifact_bytes'] / 1024:.1f} KB" if "artifact_bytes" in r else "-"
         flag = {True: "COLLAPSED", False: "no"}.get(r.get("collapsed"), "-")
+        if r.get("collapsed") is False and r.get("collapse_epochs"):
+            flag = f"recovered (warned: epoch {', '.join(map(str, r['collapse_epochs']))})"
         lines.append(f"{r['task']:<18} {r['method']:<20} {acc:>9} {off:>11} {size:>10}  {flag}")
     collapsed = [r for r in records if r.get("collapsed")]
     if collapsed:

@@ -143,14 +143,16 @@ def export_artifact(
 
 
 def collapse_record(trainer: Any) -> dict[str, Any]:
-    """``collapsed`` (whether the collapse warning fired while fitting) and the epochs it
-    fired in, from the Trainer's :class:`CollapseMonitor`; nothing without a monitor
-    (``callbacks=none``), where a collapse goes unchecked."""
+    """From the Trainer's :class:`CollapseMonitor`: ``collapsed``, whether the task ended
+    collapsed (the warning fired for its last checked epoch; None if no epoch was checked),
+    and ``collapse_epochs``, every epoch the warning fired for (a slow start that recovered
+    shows here only). Nothing without a monitor (``callbacks=none``): unchecked."""
     monitors = [c for c in trainer.callbacks if isinstance(c, CollapseMonitor)]
     if not monitors:
         return {}
+    last = [m.last_epoch_collapsed for m in monitors if m.last_epoch_collapsed is not None]
     epochs = sorted({e for m in monitors for e in m.collapsed_epochs})
-    return {"collapsed": bool(epochs), "collapse_epochs": epochs}
+    return {"collapsed": any(last) if last else None, "collapse_epochs": epochs}
 
 
 def train_task(
