@@ -59,7 +59,7 @@ def run_record(path: Path) -> dict[str, Any] | None:
         "budget": budget(path.parent / ".hydra" / "config.yaml"),
         "path": str(path.parent),
         **{k: run.get(k) for k in ("seconds", "commit", "dirty", "command", "torch")},
-        **{k: run.get(k) for k in ("machine", "processor", "cpu_count", "precision", "date")},
+        **{k: run.get(k) for k in ("machine", "processor", "cpu_count", "threads", "date")},
     }
 
 

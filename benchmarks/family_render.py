@@ -111,7 +111,11 @@ def provenance(results: dict[str, Any]) -> str:
     dates = sorted({str(r.get("date"))[:10] for r in runs if r.get("date")})
     when = " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else "undated"
     machines = sorted(
-        {f"{r.get('processor')}, {r.get('cpu_count')} cores" for r in runs if r.get("processor")}
+        {
+            f"{r.get('processor')}, {r.get('cpu_count')} cores, {r.get('threads')} thread(s)"
+            for r in runs
+            if r.get("processor")
+        }
     )
     commits = [c[:10] for c in _distinct(runs, "commit")]
     dirty = any(r.get("dirty") for r in runs)
@@ -128,10 +132,11 @@ def provenance(results: dict[str, Any]) -> str:
 
 def caption(results: dict[str, Any]) -> str:
     """What the headline table's columns mean."""
-    near = ", ".join(results["near"]) or "none"
+    near = ", ".join(results["near"])
+    apart = f", {near} (near ImageNet) is shown apart" if near else ""
     return (
         f"Test accuracy (%) after the whole sequence, mean ± standard deviation over seeds; "
-        f"the mean is over the domains, {near} (near ImageNet) is shown apart. S: Visual "
+        f"the mean is over the domains{apart}. S: Visual "
         f"Decathlon score over the domains against `{results['reference']}`'s seed-mean "
         "accuracies (250 per domain for the reference's accuracy, 0 for twice its error). "
         "Bytes / task: what a task adds to the backbone (task_bytes), mean over the domains. "
