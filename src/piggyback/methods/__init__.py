@@ -11,6 +11,7 @@ from piggyback.methods.base import BN_MODES, BN_TYPES, REGISTRY, Method
 from piggyback.methods.classifier_only import ClassifierOnly
 from piggyback.methods.cpg import CPG
 from piggyback.methods.finetune import Finetune, FinetuneSequential
+from piggyback.methods.hat import HAT
 from piggyback.methods.hosts import InferenceHost, TaskState, TrainingHost
 from piggyback.methods.ksm import KSM
 from piggyback.methods.packnet import PackNet
@@ -33,6 +34,7 @@ __all__ = [
     "ClassifierOnly",
     "Finetune",
     "FinetuneSequential",
+    "HAT",
     "InferenceHost",
     "KSM",
     "Method",

@@ -26,13 +26,14 @@ from piggyback.methods.base import REGISTRY, Method
 from piggyback.methods.classifier_only import ClassifierOnly
 from piggyback.methods.cpg import CPG
 from piggyback.methods.finetune import Finetune, FinetuneSequential
+from piggyback.methods.hat import HAT
 from piggyback.methods.ksm import KSM
 from piggyback.methods.packnet import PackNet
 from piggyback.methods.piggyback import Piggyback
 from piggyback.methods.wsn import WSN
 from piggyback.utils.instantiate import build
 
-BUILT_IN = (Piggyback, ClassifierOnly, Finetune, FinetuneSequential, PackNet, CPG, KSM, WSN)
+BUILT_IN = (Piggyback, ClassifierOnly, Finetune, FinetuneSequential, PackNet, CPG, KSM, WSN, HAT)
 """Registered by importing them above (``Method.__init_subclass__``)."""
 
 

@@ -19,13 +19,14 @@ lands on ``mask_real`` is handed to the score after each backward. The ownership
 PackNet's and CPG's (``ownership``), with every weight free at the start (the pretrained or
 randomly initialised network is not a task).
 
-Storage (per task artifact): the task's plane of WSN's integer map of task masks, entropy
-coded given the planes before it (``piggyback.masks.taskmap``: our gap/Rice codec on the
-weights that earlier tasks use and on the others), plus the float values of the weights the
-task owns, its head and (``bn=train``) its BatchNorm. ``extra_meta["map"]`` reports the bits
-per weight of all tasks' planes together against one bit per task. A reader adds the tasks
-in order (``MultiTaskModel``, like PackNet and CPG); a WSN task is a binary mask over the
-shared network, so tasks can be superposed (SupSup's one-shot task inference).
+Storage (per task artifact): the task's plane of WSN's integer map of task masks, entropy coded
+given the planes before it (``piggyback.masks.taskmap``: our gap/Rice codec on the weights the
+previous task keeps, on those only older tasks keep and on the free ones), plus the float
+values of the weights the task owns, its head and (``bn=train``) its BatchNorm.
+``extra_meta["map"]`` reports the bits per weight of all tasks' planes together against one bit
+per task. A reader adds the tasks in order (``MultiTaskModel``, like PackNet and CPG); a WSN
+task is a binary mask over the shared network, so tasks can be superposed (SupSup's one-shot
+task inference).
 
 Hyperparameters and their sources (ihaeyong/WSN):
 
@@ -68,6 +69,9 @@ from piggyback.methods.hosts import InferenceHost, TrainingHost
 from piggyback.methods.ownership import FREE, OwnedWeights, pack_codes, unpack_codes
 from piggyback.nn import WeightMask, mask_model, masked_weights
 
+CONTEXTS = ("previous", "older", "free")
+"""The contexts a plane is coded in (``piggyback.masks.taskmap``): weights the previous task
+keeps, weights only older tasks keep, weights no earlier task keeps."""
 SCORE = "wsn_score"
 """Name of the score parameter registered on each layer's :class:`WeightMask`."""
 
@@ -141,10 +145,12 @@ class WSN(OwnedWeights):
     def freeze(self, module: TrainingHost) -> None:
         super().freeze(module)  # the weights train (the free ones: on_after_backward)
         for _, mask in masked_weights(module.backbone):
-            # mask_real receives the straight-through gradient, which goes to the score
+            # mask_real receives the straight-through gradient (all-reduced under DDP), which
+            # on_after_backward hands to the score; the score itself is outside autograd, so
+            # DDP does not wait for a gradient of it (the optimizer steps it all the same)
             mask.mask_real.requires_grad_(True)
             if SCORE in mask._parameters:
-                score_of(mask).requires_grad_(True)
+                score_of(mask).requires_grad_(False)
 
     def backbone_groups(self, module: TrainingHost) -> list[dict[str, Any]]:
         scores = [score_of(mask) for _, mask in masked_weights(module.backbone)]
@@ -224,21 +230,28 @@ class WSN(OwnedWeights):
         }
 
     # --------------------------------------------------------------- artifacts
+    def _masks(self, module: TrainingHost, k: int) -> dict[str, torch.Tensor] | None:
+        """Task ``k``'s masks (bool; the live ones for the active task), None before task 1."""
+        if k < 1:
+            return None
+        if k == self._index(module.task):
+            return self.current_masks(module)
+        stored = module.tasks[self.order[k - 1]].stored["mask"]
+        return {
+            n: unpack_codes(stored[n], o.numel(), 1).reshape(o.shape).bool()
+            for n, o in self.owners.items()
+        }
+
     def _planes(self, module: TrainingHost, index: int) -> dict[str, int]:
-        """Bits of the coded planes of tasks ``1..index`` (task ``index`` from the live mask)."""
-        bits = {}
+        """Bits of the coded planes of tasks ``1..index``."""
+        bits, previous = {}, None
         for k, task in enumerate(self.order[:index], start=1):
-            if k == index:
-                masks = self.current_masks(module)
-            else:
-                stored = module.tasks[task].stored["mask"]
-                masks = {
-                    n: unpack_codes(stored[n], o.numel(), 1).reshape(o.shape).bool()
-                    for n, o in self.owners.items()
-                }
+            masks = self._masks(module, k)
             bits[task] = sum(
-                plane_bits(encode_plane(masks[n], self.owners[n] < k)) for n in self.owners
+                plane_bits(encode_plane(masks[n], o < k, None if previous is None else previous[n]))
+                for n, o in self.owners.items()
             )
+            previous = masks
         return bits
 
     def export(self, module: TrainingHost, encoding: str) -> ArtifactParts:
@@ -246,13 +259,14 @@ class WSN(OwnedWeights):
         of the weights it owns, and BN when trained."""
         parts = Method.export(self, module, encoding)
         index = self._index(module.task)
+        previous = self._masks(module, index - 1)
         shapes, kept = {}, 0
         layers = dict(masked_weights(module.backbone))
         for name, keep in self.current_masks(module).items():
             used = self.owners[name] < index
-            used_stream, free_stream = encode_plane(keep, used)
-            parts.extra[f"plane_used/{name}"] = _tensor(used_stream)
-            parts.extra[f"plane_free/{name}"] = _tensor(free_stream)
+            streams = encode_plane(keep, used, None if previous is None else previous[name])
+            for kind, stream in zip(CONTEXTS, streams, strict=True):
+                parts.extra[f"plane_{kind}/{name}"] = _tensor(stream)
             weight = layers[name].weight.detach().cpu()
             parts.extra[f"values/{name}"] = weight[keep & ~used].clone()
             shapes[name] = list(keep.shape)
@@ -298,16 +312,15 @@ class WSN(OwnedWeights):
             }
         net = model.method_networks[cls.name]
         index = artifact.extra_meta["index"]
+        previous = cls.task_masks(model, state["tasks"][-1]) if state["tasks"] else None
         masks = {}
         with torch.no_grad():
             for name, mask in masked_weights(net):
                 owners = state["owners"][name]
                 used = owners < index
-                streams = tuple(
-                    _bytes(artifact.extra[f"plane_{kind}/{name}"]) for kind in ("used", "free")
-                )
+                streams = tuple(_bytes(artifact.extra[f"plane_{kind}/{name}"]) for kind in CONTEXTS)
                 try:
-                    keep = decode_plane(streams, used)
+                    keep = decode_plane(streams, used, None if previous is None else previous[name])
                 except ValueError as exc:
                     raise ArtifactError(f"task {artifact.task!r}, {name!r}: {exc}") from None
                 own = keep & ~used
