@@ -34,6 +34,8 @@ import family_data
 import family_render
 import yaml
 
+from piggyback.utils.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = REPO / "conf" / "experiment" / "family.yaml"
 RESULTS = REPO / "results" / "family.json"
@@ -166,7 +168,7 @@ def render(results_path: Path, *, check: bool = False, plots: bool = True) -> li
         if new != text:
             stale.append(page)
             if not check:
-                page.write_text(new)
+                atomic_write_text(page, new, overwrite=True)
     if plots and not check:
         family_render.plot_accuracy_bytes(results, DOCS.parent / family_render.BYTES_PLOT)
         family_render.plot_matrix(results, DOCS.parent / family_render.MATRIX_PLOT)

@@ -16,6 +16,8 @@ from typing import Any
 
 from family_data import method_stats
 
+from piggyback.utils.atomic import atomic_write_stream
+
 README_MARKER = "family-headline"
 DOCS_MARKER = "family"
 BYTES_PLOT = "family_accuracy_vs_bytes.png"
@@ -229,7 +231,11 @@ def plot_accuracy_bytes(results: dict[str, Any], out: Path) -> Path:
     ax.set_ylabel(f"test accuracy, mean over the {n} domains (%)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110, metadata={"Software": None})
+    atomic_write_stream(
+        out,
+        lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": None}),
+        overwrite=True,
+    )
     plt.close(fig)
     return out
 
@@ -253,6 +259,10 @@ def plot_matrix(results: dict[str, Any], out: Path) -> Path:
     ax.set_title(f"test accuracy (%): {method}, seed {seed}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(out, dpi=110, metadata={"Software": None})
+    atomic_write_stream(
+        out,
+        lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": None}),
+        overwrite=True,
+    )
     plt.close(fig)
     return out
