@@ -84,7 +84,7 @@ from torch import nn
 
 from piggyback.formats import ArtifactError, ArtifactParts, TaskArtifact
 from piggyback.methods.base import BN_TYPES, Method, TaskState
-from piggyback.methods.hosts import InferenceHost, TrainingHost
+from piggyback.methods.hosts import InferenceHost, TrainingHost, sequence_state
 from piggyback.methods.ownership import FREE
 from piggyback.nn import MaskingError, mask_model, masked_modules, module_masks
 
@@ -571,13 +571,7 @@ class HAT(Method):
     def attach(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         """Write the weights of the units the task opens first into the model's one shared,
         gated network (tasks in sequence order)."""
-        state = model.method_state.setdefault(cls.name, {"tasks": [], "owners": {}, "gates": {}})
-        expected = artifact.extra_meta["previous_tasks"]
-        if state["tasks"] != expected:
-            raise ArtifactError(
-                f"HAT task {artifact.task!r} builds on tasks {expected} (in that order); this "
-                f"model holds HAT tasks {state['tasks']}. Add them in sequence order."
-            )
+        state = sequence_state(model, cls.name, "HAT", artifact, owners={}, gates={})
         info = artifact.extra_meta["gates"]
         if cls.name not in model.method_networks:
             net = model.separate_network(None)

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from piggyback.formats import TaskArtifact
+from piggyback.formats import ArtifactError, TaskArtifact
 
 
 @dataclass
@@ -63,3 +63,19 @@ class InferenceHost(Protocol):
     def ensure_masked(self, artifact: TaskArtifact) -> None: ...
 
     def separate_network(self, artifact: TaskArtifact | None) -> nn.Module: ...
+
+
+def sequence_state(
+    model: InferenceHost, key: str, label: str, artifact: TaskArtifact, **empty: Any
+) -> dict[str, Any]:
+    """``model``'s state for a method whose tasks build on each other (PackNet, CPG, WSN,
+    HAT: one shared network, tasks added in sequence order). ``empty`` are the state's other
+    entries when it is created; an artifact out of order is an :class:`ArtifactError`."""
+    state = model.method_state.setdefault(key, {"tasks": [], **empty})
+    expected = artifact.extra_meta["previous_tasks"]
+    if state["tasks"] != expected:
+        raise ArtifactError(
+            f"{label} task {artifact.task!r} builds on tasks {expected} (in that order); this "
+            f"model holds {label} tasks {state['tasks']}. Add them in sequence order."
+        )
+    return state

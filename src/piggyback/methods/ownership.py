@@ -21,7 +21,7 @@ from torch import nn
 
 from piggyback.formats import ArtifactError, ArtifactParts, TaskArtifact
 from piggyback.methods.base import BN_TYPES, Method
-from piggyback.methods.hosts import InferenceHost, TrainingHost
+from piggyback.methods.hosts import InferenceHost, TrainingHost, sequence_state
 from piggyback.nn import mask_model, masked_weights
 
 FREE = 255
@@ -249,14 +249,7 @@ class OwnedWeights(Method):
     @classmethod
     def attach(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         """Add task ``t``'s weights to the model's one shared network (tasks in order)."""
-        state = model.method_state.setdefault(cls.name, {"tasks": []})
-        expected = artifact.extra_meta["previous_tasks"]
-        if state["tasks"] != expected:
-            raise ArtifactError(
-                f"{cls.__name__} task {artifact.task!r} builds on tasks {expected} (in that "
-                f"order); this model holds {cls.__name__} tasks {state['tasks']}. Add them in "
-                "sequence order."
-            )
+        state = sequence_state(model, cls.name, cls.__name__, artifact)
         owners = cls.owners_of(artifact)
         if cls.name not in model.method_networks:
             net = model.separate_network(None)

@@ -65,7 +65,7 @@ from torch import nn
 from piggyback.formats import ArtifactError, ArtifactParts, TaskArtifact
 from piggyback.masks.taskmap import decode_plane, encode_plane, plane_bits
 from piggyback.methods.base import Method, TaskState
-from piggyback.methods.hosts import InferenceHost, TrainingHost
+from piggyback.methods.hosts import InferenceHost, TrainingHost, sequence_state
 from piggyback.methods.ownership import FREE, OwnedWeights, pack_codes, unpack_codes
 from piggyback.nn import WeightMask, mask_model, masked_weights
 
@@ -294,13 +294,7 @@ class WSN(OwnedWeights):
     def attach(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         """Decode the task's plane given the tasks before it and write the weights it owns
         into the model's one shared network (tasks in sequence order)."""
-        state = model.method_state.setdefault(cls.name, {"tasks": [], "owners": {}, "masks": {}})
-        expected = artifact.extra_meta["previous_tasks"]
-        if state["tasks"] != expected:
-            raise ArtifactError(
-                f"WSN task {artifact.task!r} builds on tasks {expected} (in that order); this "
-                f"model holds WSN tasks {state['tasks']}. Add them in sequence order."
-            )
+        state = sequence_state(model, cls.name, "WSN", artifact, owners={}, masks={})
         shapes = artifact.extra_meta["shapes"]
         if cls.name not in model.method_networks:
             net = model.separate_network(None)
