@@ -66,7 +66,8 @@ Hyperparameters and their sources (joansj/hat, ``src/``):
   layer's units before the first step and needs a few epochs to recover (33 % validation
   accuracy after 2 epochs of 34 batches, 91 % after 7); U(0, 2) opens every unit (81 % after
   2 epochs) but leaves the first task most units (93 %) and later tasks little to train;
-- schedule: the family's StepLR (ours, so methods compare on one schedule); the reference
+- schedule: the family's ``FractionStepLR`` (x0.1 after half the epochs; ours, so methods
+  compare on one schedule); the reference
   divides the lr by 3 after 5 epochs without a better validation loss and restores the best
   validation epoch, which we do not;
 - BN per task and the binary stored gates: ours (see above).

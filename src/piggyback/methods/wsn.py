@@ -48,9 +48,10 @@ Hyperparameters and their sources (ihaeyong/WSN):
   per-task BN is forget-free as well). ``bn=frozen`` keeps the backbone's BN.
 - Biases of masked layers are not masked and stay frozen (ours, because the reference's
   networks have none (``bias=False``) and Piggyback's masked layers leave them unmasked).
-- Schedule: the family's StepLR (x0.1 every 15 epochs; ours, so methods compare on one
-  schedule); the reference halves the lr after 6 epochs without a better validation loss and
-  restores the best validation epoch at the end of a task, which we do not.
+- Schedule: the family's ``FractionStepLR`` (x0.1 after half the epochs; ours, so methods
+  compare on one schedule); the reference halves the lr after 6 epochs without a better
+  validation loss and restores the best validation epoch at the end of a task, which we do
+  not.
 """
 
 from __future__ import annotations
