@@ -424,9 +424,10 @@ def test_nan_loss_stops_the_run_keeping_the_last_good_checkpoint(make_cfg, capsy
     last = out / "checkpoints" / TASK / "last.ckpt"
     code, err = _run_exit(cfg, capsys)
     assert code == 2
+    # the demo's schedule drops x0.1 at 0.7 of the run: epoch 1 of these 2 epochs
     assert err[-1] == (
         f"error: task '{TASK}': the training loss became nan at epoch 1, step 1 (learning "
-        "rates: masks=0.0001, bn=0.0001, head=0.0001); lower the learning rate "
+        "rates: masks=1e-05, bn=1e-05, head=1e-05); lower the learning rate "
         f"(method.lr_scale=0.1) or resume from {last}"
     )
     ckpt = torch.load(last, weights_only=False)
