@@ -461,7 +461,7 @@ def test_nonfinite_loss_warn_trains_on(make_cfg, capsys, monkeypatch):
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning:")]
     assert err == [
         f"warning: task '{TASK}': the training loss became nan at epoch 1, step 1 (learning "
-        "rates: masks=0.0001, bn=0.0001, head=0.0001); training goes on (nonfinite_loss=warn)"
+        "rates: masks=1e-05, bn=1e-05, head=1e-05); training goes on (nonfinite_loss=warn)"
     ]
     assert (Path(cfg.paths.output_dir) / "artifacts" / f"{TASK}.safetensors").exists()
 
