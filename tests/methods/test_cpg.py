@@ -218,9 +218,10 @@ def test_cpg_runs_the_demo_sequence_from_the_cli(tmp_path):
     assert names == [f"digits_{t}.safetensors" for t in ("inverted", "mod3", "rotated")]
 
 
-def test_resume_in_the_middle_of_compaction_equals_the_uninterrupted_run(make_cfg, tmp_path):
+def test_resume_in_the_middle_of_compaction_equals_the_uninterrupted_run(
+    tmp_path, train_keeping_epochs
+):
     """Resumed after the first pruning round: the same rounds, owners and weights follow."""
-    from omegaconf import open_dict
 
     args = ("data=digits/rotated", "method=cpg", "method.prune_step=0.3", "trainer.max_epochs=3")
     args += ("+trainer.limit_train_batches=4", "+trainer.limit_val_batches=1")
@@ -228,21 +229,7 @@ def test_resume_in_the_middle_of_compaction_equals_the_uninterrupted_run(make_cf
     args += ("logger=none", "callbacks=none", "method.lr_scale=10")
 
     def run(out: str, *extra: str) -> Path:
-        cfg = make_cfg(*args, *extra)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / out)
-            cfg.callbacks = {
-                "each_epoch": {
-                    "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "dirpath": str(tmp_path / out / "epochs"),
-                    "filename": "e{epoch}",
-                    "auto_insert_metric_name": False,
-                    "monitor": None,
-                    "save_top_k": -1,
-                }
-            }
-        train(cfg)
-        return tmp_path / out / "epochs" / "digits_rotated" / "e2.ckpt"
+        return train_keeping_epochs(out, *args, *extra) / "e2.ckpt"
 
     ab = ("full", "resumed")
     full = run("full")

@@ -187,11 +187,8 @@ def test_artifacts_rebuild_the_sequence_and_the_bundle(hat_pair, demo_cache, tmp
             assert m.infer_task(x, "entropy") in ("digits_rotated", "digits_mod3")
 
 
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(make_cfg, tmp_path):
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, train_keeping_epochs):
     """Resumed after epoch 1 of 2: the same weights, embeddings, BN and owners follow."""
-    from omegaconf import open_dict
-
-    from piggyback.train import train
 
     args = ("data=digits/rotated", "method=hat", "trainer.max_epochs=2")
     args += ("+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1")
@@ -199,21 +196,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(make_cfg, tmp_pat
     args += ("logger=none", "callbacks=none")
 
     def run(out: str, *extra: str) -> Path:
-        cfg = make_cfg(*args, *extra)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / out)
-            cfg.callbacks = {
-                "each_epoch": {
-                    "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "dirpath": str(tmp_path / out / "epochs"),
-                    "filename": "e{epoch}",
-                    "auto_insert_metric_name": False,
-                    "monitor": None,
-                    "save_top_k": -1,
-                }
-            }
-        train(cfg)
-        return tmp_path / out / "epochs" / "digits_rotated" / "e1.ckpt"
+        return train_keeping_epochs(out, *args, *extra) / "e1.ckpt"
 
     full = run("full")
     resumed = run(

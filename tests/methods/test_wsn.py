@@ -185,9 +185,8 @@ def test_artifacts_rebuild_the_sequence_bundle_and_oneshot(wsn_pair, demo_cache,
     assert bundle.infer_task(x, "oneshot") in ("digits_rotated", "digits_mod3")
 
 
-def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(make_cfg, tmp_path):
+def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, train_keeping_epochs):
     """Resumed after epoch 1 of 2: the same weights, scores, masks and owners follow."""
-    from omegaconf import open_dict
 
     args = ("data=digits/rotated", "method=wsn", "trainer.max_epochs=2")
     args += ("+trainer.limit_train_batches=3", "+trainer.limit_val_batches=1")
@@ -195,23 +194,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(make_cfg, tmp_pat
     args += ("logger=none", "callbacks=none", "method.lr_scale=10")
 
     def run(out: str, *extra: str) -> Path:
-        from piggyback.train import train
-
-        cfg = make_cfg(*args, *extra)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / out)
-            cfg.callbacks = {
-                "each_epoch": {
-                    "_target_": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "dirpath": str(tmp_path / out / "epochs"),
-                    "filename": "e{epoch}",
-                    "auto_insert_metric_name": False,
-                    "monitor": None,
-                    "save_top_k": -1,
-                }
-            }
-        train(cfg)
-        return tmp_path / out / "epochs" / "digits_rotated" / "e1.ckpt"
+        return train_keeping_epochs(out, *args, *extra) / "e1.ckpt"
 
     full = run("full")
     middle = tmp_path / "full" / "epochs" / "digits_rotated" / "e0.ckpt"
