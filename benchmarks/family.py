@@ -59,9 +59,21 @@ def sweep_params(path: Path = EXPERIMENT) -> tuple[list[str], list[str], list[st
     return order, scales, seeds
 
 
-def run_dir(out: Path, method: str, scale: str, seed: str) -> Path:
-    """Where a run goes; the same layout as ``train.py -m experiment=family``."""
-    return out / method / f"lr{scale}" / f"seed{seed}"
+def grid_variants(path: Path = EXPERIMENT) -> dict[str, list[str]]:
+    """Per method, the grid points beyond the lr scale (``family_grid`` of the experiment:
+    ``{method: ["method.key=value", ...]}``), each tried at the method's chosen scale."""
+    grid = yaml.safe_load(path.read_text()).get("family_grid") or {}
+    return {method: [str(v) for v in values] for method, values in grid.items()}
+
+
+def run_dir(out: Path, method: str, scale: str, seed: str, variant: str = "") -> Path:
+    """Where a run goes; the same layout as ``train.py -m experiment=family`` for the lr grid,
+    ``lr<scale>_<key><value>`` for a variant (``method.prune=0.5``: ``lr10_prune0.5``)."""
+    suffix = ""
+    if variant:
+        key, _, value = variant.removeprefix("method.").partition("=")
+        suffix = f"_{key}{value}"
+    return out / method / f"lr{scale}{suffix}" / f"seed{seed}"
 
 
 def finished(folder: Path) -> bool:
@@ -73,13 +85,19 @@ def finished(folder: Path) -> bool:
 
 
 def train_command(
-    method: str, scale: str, seed: str, folder: Path, overrides: Sequence[str]
+    method: str,
+    scale: str,
+    seed: str,
+    folder: Path,
+    overrides: Sequence[str],
+    variant: str = "",
 ) -> list[str]:
     """The overrides of one run (``overwrite_artifacts``: a killed run's artifacts are redone)."""
     return [
         "experiment=family",
         f"method={method}",
         f"method.lr_scale={scale}",
+        *([variant] if variant else []),
         f"seed={seed}",
         f"hydra.run.dir={folder}",
         "overwrite_artifacts=true",
@@ -99,18 +117,25 @@ def subprocess_launch(overrides: list[str], folder: Path, threads: int = 0) -> i
     return subprocess.run(command, env=env).returncode
 
 
-def chosen_scale(out: Path, method: str, scales: Sequence[str], seed: str) -> str | None:
-    """The grid's scale with the best mean validation accuracy at ``seed`` (None: no run)."""
+def chosen_point(
+    out: Path, method: str, scales: Sequence[str], variants: Sequence[str], seed: str
+) -> tuple[str, str] | None:
+    """The grid point (scale, variant override) with the best mean validation accuracy at
+    ``seed`` among the finished runs of the scales (defaults) and of the variants at any of
+    them (None: no run)."""
     runs = []
     for scale in scales:
-        path = run_dir(out, method, scale, seed) / "metrics.json"
-        record = family_data.run_record(path) if path.is_file() else None
-        if record is not None:
-            runs.append({**record, "lr_scale": float(scale)})
+        for variant in ("", *variants):
+            path = run_dir(out, method, scale, seed, variant) / "metrics.json"
+            record = family_data.run_record(path) if path.is_file() else None
+            if record is not None:
+                runs.append({**record, "lr_scale": float(scale), "override": variant})
     if not runs:
         return None
-    best, _ = family_data.choose_scale(runs)
-    return next(s for s in scales if float(s) == best)
+    (best, label), _ = family_data.choose_scale(runs)
+    scale = next(s for s in scales if float(s) == best)
+    variant = next(r["override"] for r in runs if r["lr_scale"] == best and r["variant"] == label)
+    return scale, variant
 
 
 def run_family(
@@ -119,37 +144,48 @@ def run_family(
     methods: Sequence[str],
     scales: Sequence[str],
     seeds: Sequence[str],
+    variants: dict[str, list[str]] | None = None,
     overrides: Sequence[str] = (),
     launch: Launch = subprocess_launch,
 ) -> list[str]:
-    """Every run of the protocol not yet finished; returns the runs that failed."""
+    """Every run of the protocol not yet finished; returns the runs that failed.
+
+    Per method: the lr grid at the first seed, then the method's variants (``variants``) at
+    the best scale, then the other seeds at the best point."""
     failed: list[str] = []
 
-    def ensure(method: str, scale: str, seed: str) -> None:
-        folder = run_dir(out, method, scale, seed)
+    def ensure(method: str, scale: str, seed: str, variant: str = "") -> None:
+        folder = run_dir(out, method, scale, seed, variant)
         if finished(folder):
             print(f"skip {folder}: finished", file=sys.stderr, flush=True)
             return
         extra = list(overrides)
         if method == "cpg" and "finetune" in chosen:
-            reference = run_dir(out, "finetune", chosen["finetune"], seed) / "metrics.json"
+            reference = run_dir(out, "finetune", *chosen["finetune"][:1], seed,
+                                chosen["finetune"][1]) / "metrics.json"  # fmt: skip
             if reference.is_file():
                 extra.append(f"method.reference={reference.resolve()}")
-        if launch(train_command(method, scale, seed, folder.resolve(), extra), folder) != 0:
+        command = train_command(method, scale, seed, folder.resolve(), extra, variant)
+        if launch(command, folder) != 0:
             failed.append(str(folder))
 
-    chosen: dict[str, str] = {}
+    chosen: dict[str, tuple[str, str]] = {}
     for method in methods:
+        mine = (variants or {}).get(method, [])
         for scale in scales:
             ensure(method, scale, seeds[0])
-        best = chosen_scale(out, method, scales, seeds[0])
+        best = chosen_point(out, method, scales, [], seeds[0])
         if best is None:
             print(f"{method}: no finished run at seed {seeds[0]}; its seeds wait", file=sys.stderr)
             continue
+        for variant in mine:
+            ensure(method, best[0], seeds[0], variant)
+        best = chosen_point(out, method, scales, mine, seeds[0]) or best
         chosen[method] = best
-        print(f"{method}: lr_scale {best} chosen on validation", file=sys.stderr, flush=True)
+        shown = f"lr_scale {best[0]}" + (f", {best[1]}" if best[1] else "")
+        print(f"{method}: {shown} chosen on validation", file=sys.stderr, flush=True)
         for seed in seeds[1:]:
-            ensure(method, best, seed)
+            ensure(method, best[0], seed, best[1])
     return failed
 
 
@@ -208,6 +244,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 methods=args.methods or methods,
                 scales=args.scales or scales,
                 seeds=args.seeds or seeds,
+                variants=grid_variants(),
                 overrides=overrides,
                 launch=functools.partial(subprocess_launch, threads=args.threads),
             )

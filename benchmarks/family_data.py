@@ -11,6 +11,7 @@ mean and standard deviation over seeds.
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,6 +26,9 @@ FORMAT = 1
 """``results/family.json``'s format version."""
 NEAR_IMAGENET = ("cifar10_small",)
 REFERENCE = "finetune"
+NOT_VARIANT = ("lr_scale", "reference")
+"""``method.*`` overrides that are not a grid point: the lr scale (its own axis) and CPG's
+reference run."""
 
 
 class FamilyError(Exception):
@@ -44,6 +48,7 @@ def run_record(path: Path) -> dict[str, Any] | None:
         "method": run.get("method") or summary["method"],
         "seed": run.get("seed"),
         "lr_scale": run.get("lr_scale"),
+        "variant": variant_of(run.get("command") or ""),
         "lr": run.get("lr"),
         "tasks": tasks,
         "val": {t: records[t].get("val/acc") for t in tasks},
@@ -61,6 +66,23 @@ def run_record(path: Path) -> dict[str, Any] | None:
         **{k: run.get(k) for k in ("seconds", "commit", "dirty", "command", "torch")},
         **{k: run.get(k) for k in ("machine", "processor", "cpu_count", "threads", "date")},
     }
+
+
+def variant_of(command: str) -> str:
+    """The grid point beyond the lr scale that a run's command sets: its ``method.<key>=``
+    overrides other than ``lr_scale`` and ``reference``, as ``"key=value,..."`` ("" for none:
+    the method's YAML defaults)."""
+    options = []
+    for token in shlex.split(command):
+        key, eq, value = token.partition("=")
+        if eq and key.startswith("method.") and key.removeprefix("method.") not in NOT_VARIANT:
+            options.append(f"{key.removeprefix('method.')}={value}")
+    return ",".join(sorted(options))
+
+
+def setting_label(scale: float, variant: str) -> str:
+    """A grid point as the tables print it: ``"10"`` or ``"10, prune=0.5"``."""
+    return f"{scale:g}" + (f", {variant}" if variant else "")
 
 
 def budget(config: Path) -> dict[str, Any] | None:
@@ -105,37 +127,44 @@ def mean_val(record: dict[str, Any]) -> float:
     return sum(values) / len(values)
 
 
-def choose_scale(runs: Sequence[dict[str, Any]]) -> tuple[float, dict[str, float]]:
-    """The lr scale with the best mean validation accuracy, and each scale's value.
+def choose_scale(runs: Sequence[dict[str, Any]]) -> tuple[tuple[float, str], dict[str, float]]:
+    """The grid point (lr scale, variant) with the best mean validation accuracy, and each
+    point's value keyed by :func:`setting_label`.
 
-    Scales are compared on the seeds that every scale has (the grid runs at the first seed);
-    without a common seed, on all runs. A tie keeps the smaller scale."""
-    by_scale: dict[float, list[dict[str, Any]]] = {}
+    Points are compared on the seeds that every point has (the grid runs at the first seed);
+    without a common seed, on all runs. A tie keeps the smaller scale, then the defaults."""
+    by_point: dict[tuple[float, str], list[dict[str, Any]]] = {}
     for run in runs:
-        by_scale.setdefault(float(run["lr_scale"]), []).append(run)
-    common = set.intersection(*({r["seed"] for r in rs} for rs in by_scale.values()))
+        by_point.setdefault((float(run["lr_scale"]), run.get("variant") or ""), []).append(run)
+    common = set.intersection(*({r["seed"] for r in rs} for rs in by_point.values()))
     vals = {}
-    for scale, rs in by_scale.items():
+    for point, rs in by_point.items():
         chosen = [r for r in rs if r["seed"] in common] or rs
-        vals[scale] = statistics.fmean(mean_val(r) for r in chosen)
-    best = min(vals, key=lambda s: (-vals[s], s))
-    return best, {f"{s:g}": vals[s] for s in sorted(vals)}
+        vals[point] = statistics.fmean(mean_val(r) for r in chosen)
+    best = min(vals, key=lambda p: (-vals[p], p[0], p[1] != "", p[1]))
+    return best, {setting_label(*p): vals[p] for p in sorted(vals)}
 
 
 def gather(roots: Iterable[Path], *, near: Sequence[str] = NEAR_IMAGENET) -> dict[str, Any]:
-    """``results/family.json``: per method the chosen scale, the grid's validation
-    accuracies and the chosen scale's runs (one per seed, the latest if repeated)."""
+    """``results/family.json``: per method the chosen grid point (lr scale and variant), the
+    grid's validation accuracies and the chosen point's runs (one per seed, the latest if
+    repeated)."""
     records = load_records(roots)
     methods: dict[str, Any] = {}
     for method in dict.fromkeys(r["method"] for r in records):
         runs = [r for r in records if r["method"] == method]
-        scale, grid = choose_scale(runs)
+        (scale, variant), grid = choose_scale(runs)
         by_seed: dict[Any, dict[str, Any]] = {}
         for run in sorted(runs, key=lambda r: r.get("date") or ""):
-            if float(run["lr_scale"]) == scale:
+            if float(run["lr_scale"]) == scale and (run.get("variant") or "") == variant:
                 by_seed[run["seed"]] = run
         chosen = [by_seed[s] for s in sorted(by_seed, key=lambda s: (s is None, s))]
-        methods[method] = {"lr_scale": scale, "grid_val": grid, "runs": chosen}
+        methods[method] = {
+            "lr_scale": scale,
+            "variant": variant,
+            "grid_val": grid,
+            "runs": chosen,
+        }
     tasks = [list(m["runs"][0]["tasks"]) for m in methods.values()]
     if any(t != tasks[0] for t in tasks):
         raise FamilyError(f"the methods' runs learned different task sequences: {tasks}")
@@ -144,8 +173,9 @@ def gather(roots: Iterable[Path], *, near: Sequence[str] = NEAR_IMAGENET) -> dic
         "tasks": tasks[0],
         "near": [t for t in near if t in tasks[0]],
         "reference": REFERENCE,
-        "lr_choice": "each method's method.lr_scale with the best mean validation accuracy "
-        "over the sequence's tasks (at the seed every scale ran), never test",
+        "lr_choice": "each method's method.lr_scale (and, where its grid has one, the variant "
+        "of another hyperparameter) with the best mean validation accuracy over the "
+        "sequence's tasks (at the seed every grid point ran), never test",
         "methods": methods,
     }
 
@@ -192,6 +222,7 @@ def method_stats(results: dict[str, Any], method: str) -> dict[str, Any]:
     return {
         "method": method,
         "lr_scale": entry["lr_scale"],
+        "variant": entry.get("variant") or "",
         "seeds": [r["seed"] for r in runs],
         "per_task": per_task,
         "mean": _mean_std(means),

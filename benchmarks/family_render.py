@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from family_data import method_stats
+from family_data import method_stats, setting_label
 
 from piggyback.utils.atomic import atomic_write_stream
 
@@ -68,7 +68,8 @@ def headline_table(results: dict[str, Any]) -> str:
     head += ["BWT", "masked off", "collapsed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ordered_stats(results):
-        cells = [row["method"], f"{row['lr_scale']:g}", str(len(row["seeds"]))]
+        point = setting_label(row["lr_scale"], row.get("variant") or "")
+        cells = [row["method"], point, str(len(row["seeds"]))]
         cells += [pm(*row["mean"]), *(pm(*row["per_task"][t]) for t in near)]
         cells += [pm(*row["score"], scale=1.0, fmt=".0f"), format_bytes(row["task_bytes"])]
         cells += [pm(*row["bwt"], fmt="+.1f")]
@@ -122,10 +123,17 @@ def provenance(results: dict[str, Any]) -> str:
     commits = [c[:10] for c in _distinct(runs, "commit")]
     dirty = any(r.get("dirty") for r in runs)
     grids = {m: e["grid_val"] for m, e in results["methods"].items()}
-    scales = sorted({s for g in grids.values() for s in g}, key=float)
+    points = [label.split(", ", 1) for g in grids.values() for label in g]
+    scales = sorted({p[0] for p in points}, key=float)
+    variants = [
+        f"{m} {', '.join(sorted({p.split(', ', 1)[1] for p in g if ', ' in p}))}"
+        for m, g in grids.items()
+        if any(", " in p for p in g)
+    ]
+    beyond = f"; beyond the lr (at the chosen scale): {'; '.join(variants)}" if variants else ""
     return (
         f"Budget: {budget or 'not recorded'}. Learning rate: {results['lr_choice']}; grid "
-        f"`method.lr_scale` {', '.join(scales)}. Runs: {len(runs)}, {when}, on "
+        f"`method.lr_scale` {', '.join(scales)}{beyond}. Runs: {len(runs)}, {when}, on "
         f"{'; '.join(machines) or 'an unrecorded machine'}, torch "
         f"{', '.join(_distinct(runs, 'torch')) or '?'}, commit(s) "
         f"{', '.join(commits) or 'unknown'}{' (with uncommitted changes)' if dirty else ''}."

@@ -45,6 +45,7 @@ def write_run(
     task_bytes: int = 500_000,
     masked_off: float | None = None,
     collapsed: tuple[str, ...] = (),
+    variant: str = "",
 ) -> None:
     """A finished run of the three-task sequence, as train.py writes it (metrics.json with
     its cl and run blocks, .hydra/config.yaml). ``first``: the accuracy matrix's diagonal."""
@@ -79,6 +80,7 @@ def write_run(
         train_seconds=[r["train_seconds"] for r in records],
     )
     overrides = [f"method={method}", f"method.lr_scale={scale:g}", f"seed={seed}"]
+    overrides += [variant] if variant else []
     summary["run"] = run_info(
         cfg, lr={"head": 1e-4 * scale}, seconds=300.0, overrides=overrides,
         choices={"method": method},
@@ -238,6 +240,48 @@ def test_the_runner_chooses_at_seed_0_then_skips_finished_runs(family, tmp_path)
     launched.clear()
     assert family.run_family(out, launch=launch, **kwargs) == []
     assert launched == []  # run again: everything is finished, nothing is launched
+
+
+def test_a_variant_is_tried_at_the_chosen_scale_and_chosen_on_validation(family, tmp_path):
+    out = tmp_path / "runs"
+    launched = []
+    vals = {("1", ""): 0.5, ("10", ""): 0.6, ("10", "method.prune=0.5"): 0.8}
+
+    def launch(overrides: list[str], folder: Path) -> int:
+        options = dict(o.split("=", 1) for o in overrides)
+        variant = "method.prune=0.5" if "method.prune" in options else ""
+        launched.append((options["method.lr_scale"], variant, options["seed"], folder.name))
+        scale, seed = options["method.lr_scale"], int(options["seed"])
+        write_run(folder, "packnet", seed, float(scale), (0.5, 0.5, 0.5),
+                  val=vals[scale, variant], variant=variant)  # fmt: skip
+        return 0
+
+    kwargs = {"methods": ["packnet"], "scales": ["1", "10"], "seeds": ["0", "1"]}
+    variants = {"packnet": ["method.prune=0.5"]}
+    assert family.run_family(out, launch=launch, variants=variants, **kwargs) == []
+    assert [(s, v, seed) for s, v, seed, _ in launched] == [
+        ("1", "", "0"), ("10", "", "0"), ("10", "method.prune=0.5", "0"),
+        ("10", "method.prune=0.5", "1"),
+    ]  # fmt: skip
+    assert (out / "packnet/lr10_prune0.5/seed1/metrics.json").is_file()
+
+    results = family.family_data.gather([out])
+    entry = results["methods"]["packnet"]
+    assert (entry["lr_scale"], entry["variant"]) == (10.0, "prune=0.5")
+    assert entry["grid_val"] == pytest.approx({"1": 0.5, "10": 0.6, "10, prune=0.5": 0.8})
+    assert [r["seed"] for r in entry["runs"]] == [0, 1]
+    table = markdown_rows(family.family_render.headline_table(results))
+    assert table["packnet"][0] == "10, prune=0.5"
+    assert "beyond the lr (at the chosen scale): packnet prune=0.5" in (
+        family.family_render.provenance(results)
+    )
+    launched.clear()
+    assert family.run_family(out, launch=launch, variants=variants, **kwargs) == []
+    assert launched == []
+
+
+def test_the_variants_are_read_from_the_experiment(family):
+    assert family.grid_variants() == {"packnet": ["method.prune=0.5"]}
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(family, tmp_path):
