@@ -170,6 +170,10 @@ def run_family(
             failed.append(str(folder))
 
     chosen: dict[str, tuple[str, str]] = {}
+    if "finetune" not in methods:  # CPG's reference from runs made by an earlier call
+        found = chosen_point(out, "finetune", scales, [], seeds[0])
+        if found is not None:
+            chosen["finetune"] = found
     for method in methods:
         mine = (variants or {}).get(method, [])
         for scale in scales:

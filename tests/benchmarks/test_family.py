@@ -240,6 +240,14 @@ def test_the_runner_chooses_at_seed_0_then_skips_finished_runs(family, tmp_path)
     launched.clear()
     assert family.run_family(out, launch=launch, **kwargs) == []
     assert launched == []  # run again: everything is finished, nothing is launched
+    # CPG alone, later: its reference is still the fine-tuning run chosen earlier
+    write_run(out / "finetune/lr3/seed2", "finetune", 2, 3, (0.5, 0.5, 0.5), val=0.9)
+    kwargs = {"methods": ["cpg"], "scales": ["1", "3", "10"], "seeds": ["0", "2"]}
+    assert family.run_family(out, launch=launch, **kwargs) == []
+    assert [(o["method"], o["seed"]) for o in launched] == [("cpg", "2")]
+    assert launched[0]["method.reference"] == str(
+        (out / "finetune/lr3/seed2/metrics.json").resolve()
+    )
 
 
 def test_a_variant_is_tried_at_the_chosen_scale_and_chosen_on_validation(family, tmp_path):
