@@ -250,3 +250,34 @@ def test_best_by_val_picks_one_run_per_task_by_validation_not_test(runs, make_cf
     assert row["run"] == "1_lr=1" and row["selection"].startswith("val/acc=0.8000")
     assert any("selected run 1_lr=1" in n for n in result["notes"])
     assert "selected run 1_lr=1" in (Path(cfg.paths.output_dir) / "results.md").read_text()
+
+
+def test_a_run_from_scratch_is_evaluated_on_the_same_random_init(make_cfg, tmp_path, demo_cache):
+    """``backbone.weights=null``: the init is drawn from ``backbone.init_seed`` (the run's
+    seed), so evaluate.py rebuilds the very weights the tasks trained on (it used to refuse
+    them: another random init, another fingerprint) and gets the run's own test accuracy."""
+    cfg = make_cfg(*TINY_RUN, "data=digits/rotated", "method=wsn", "backbone.weights=null",
+                   "seed=3")  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+    train(cfg)
+    record = json.loads((tmp_path / "run" / "metrics.json").read_text())["tasks"]
+    artifact = load_artifact(tmp_path / "run" / "artifacts" / "digits_rotated.safetensors")
+    assert artifact.config["backbone"]["init_seed"] == 3
+    result = evaluate(_eval_cfg(make_cfg, f"artifacts={tmp_path / 'run'}", "limit_test_batches=2"))
+    with open(Path(result["output_dir"]) / "results.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["source"] == "test split"
+    assert float(row["top1_pct"]) == pytest.approx(100 * record["digits_rotated"]["test/acc"])
+
+
+def test_a_random_init_is_a_function_of_its_seed_and_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    before = torch.rand(3)
+    torch.manual_seed(0)
+    a = build_backbone("small_cnn", weights=None, init_seed=5).model.state_dict()
+    assert torch.equal(torch.rand(3), before)  # the global stream did not move
+    b = build_backbone("small_cnn", weights=None, init_seed=5).model.state_dict()
+    c = build_backbone("small_cnn", weights=None, init_seed=6).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from piggyback.backbones.base import (
@@ -66,6 +67,7 @@ def build_backbone(
     model: Mapping[str, Any] | nn.Module | None = None,
     data_config: Mapping[str, Any] | None = None,
     kwargs: Mapping[str, Any] | None = None,
+    init_seed: int | None = None,
 ) -> Backbone:
     """Build a pretrained backbone and remove its classifier.
 
@@ -77,8 +79,19 @@ def build_backbone(
     random init (``weights=None``). ``classifier`` names the module to remove when the
     model's own API and the usual names do not settle it. ``kwargs`` go to the builder
     (``img_size=...`` for a timm ViT); ``data_config`` overrides the pretrained one.
+
+    ``init_seed``: a random init (no weights, no checkpoint) is drawn from this seed, in a
+    forked RNG, so the same backbone can be built again to evaluate what trained on it (the
+    run's seed: ``backbone.init_seed: ${seed}``); None draws from the global RNG.
     """
     wanted = None if checkpoint is not None else weights
+    if init_seed is not None and wanted is None and checkpoint is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            return build_backbone(
+                name, weights=None, cache_dir=cache_dir, source=source, classifier=classifier,
+                model=model, data_config=data_config, kwargs=kwargs,
+            )  # fmt: skip
     if model is not None:
         net, config = _from_callable(model), {}
         name = name or type(net).__name__

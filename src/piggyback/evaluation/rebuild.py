@@ -40,6 +40,7 @@ def backbone_config(artifact: TaskArtifact, cfg: DictConfig) -> dict[str, Any]:
         "weights": stored.get("weights", "DEFAULT"),
         "checkpoint": stored.get("checkpoint"),
         "cache_dir": stored.get("cache_dir"),
+        "init_seed": stored.get("init_seed"),
     }
     if not conf["cache_dir"] or not Path(conf["cache_dir"]).is_dir():
         conf["cache_dir"] = cfg.paths.get("cache_dir")
@@ -59,6 +60,7 @@ def build_model(entries: list[Entry], cfg: DictConfig, pristine: dict[str, Any])
             weights=conf["weights"],
             checkpoint=conf["checkpoint"],
             cache_dir=conf["cache_dir"],
+            init_seed=conf["init_seed"],
         )
     built = pristine[key]
     model = MultiTaskModel(copy.deepcopy(built.model), built.name)
