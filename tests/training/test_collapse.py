@@ -89,14 +89,25 @@ def test_silent_on_a_healthy_run(tmp_path, demo_cache):
     assert trainer.callback_metrics["train/collapse"].item() == 0.0
 
 
-def _epoch(monitor: CollapseMonitor, epoch: int, loss: float, labels: list[int]) -> None:
+def _epoch(
+    monitor: CollapseMonitor, epoch: int, loss: float, labels: list[int], **extra: float
+) -> None:
     trainer = SimpleNamespace(current_epoch=epoch)
     module = SimpleNamespace(backbone=torch.nn.Linear(2, 2), log_dict=lambda metrics: None)
     monitor.on_train_epoch_start(trainer, module)
-    monitor.on_train_batch_end(
-        trainer, module, {"loss": torch.tensor(loss)}, [torch.zeros(0), torch.tensor(labels)], 0
-    )
+    outputs = {"loss": torch.tensor(loss), **{k: torch.tensor(v) for k, v in extra.items()}}
+    monitor.on_train_batch_end(trainer, module, outputs, [torch.zeros(0), torch.tensor(labels)], 0)
     monitor.on_train_epoch_end(trainer, module)
+
+
+def test_a_regulariser_in_the_loss_is_not_taken_for_a_collapse():
+    """HAT adds c x (mean gate), about 0.75 with every gate open, to what it minimises: the
+    check reads the step's ``task_loss`` (the cross-entropy) where there is one."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _epoch(CollapseMonitor(after_epochs=0), 0, 0.75 + 0.3, [0, 1, 2, 3], task_loss=0.3)
+    with pytest.warns(UserWarning, match="collapsed"):
+        _epoch(CollapseMonitor(after_epochs=0), 0, 0.3, [0, 1, 2, 3], task_loss=1.386)
 
 
 def test_chance_level_is_the_entropy_of_the_labels():

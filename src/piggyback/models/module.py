@@ -263,24 +263,30 @@ class PiggybackModule(L.LightningModule):
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
 
-    def _step(self, batch, stage: str) -> torch.Tensor:
+    def _step(self, batch, stage: str) -> dict[str, torch.Tensor]:
+        """``loss``: what is minimised (the cross-entropy plus the method's regulariser, e.g.
+        HAT's attention term); ``task_loss``: the cross-entropy alone, logged as
+        ``<stage>/loss`` so that it compares across methods and with the chance level that
+        the collapse check measures against."""
         x, y = batch[0], batch[1]
         logits = self(x)
-        loss = nn.functional.cross_entropy(logits, y)
+        task_loss = nn.functional.cross_entropy(logits, y)
+        loss = task_loss
         if stage == "train" and (extra := self.method.regularizer(self)) is not None:
             self.log("train/regularizer", extra, on_step=False, on_epoch=True, batch_size=len(y))
-            loss = loss + extra
+            loss = task_loss + extra
         metrics = self.metrics[self.task][f"{stage}_metrics"]
         metrics.update(logits.detach(), y)
         on_step = stage == "train"
         self.log(
-            f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(y)
-        )
+            f"{stage}/loss", task_loss, on_step=on_step, on_epoch=True, prog_bar=True,
+            batch_size=len(y),
+        )  # fmt: skip
         for name, metric in metrics.items():
             self.log(
                 f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "acc"
             )
-        return loss
+        return {"loss": loss, "task_loss": task_loss.detach()}
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")

@@ -82,7 +82,9 @@ class CollapseMonitor(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        loss = outputs  # the task's own loss where the step returns it (not a regulariser)
+        if isinstance(outputs, Mapping):
+            loss = outputs.get("task_loss", outputs.get("loss"))
         labels = batch[1] if isinstance(batch, list | tuple) and len(batch) > 1 else None
         if not isinstance(loss, torch.Tensor) or not isinstance(labels, torch.Tensor):
             return
