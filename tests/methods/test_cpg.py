@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +10,9 @@ import torch
 
 from piggyback.config.validate import ConfigError
 from piggyback.data.digits import DigitsDataModule
-from piggyback.formats import ArtifactError, load_artifact
-from piggyback.methods import CPG, apply_artifact, build_method
+from piggyback.formats import load_artifact
+from piggyback.methods import CPG, build_method
 from piggyback.methods.ownership import FREE, owner_bits
-from piggyback.models.multitask import MultiTaskModel
 from piggyback.models.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.nn import masked_weights, quantize
 from piggyback.train import run, train
@@ -167,20 +164,9 @@ def test_storage_counts_are_exact(cpg_pair):
         }
 
 
-def test_artifacts_rebuild_the_sequence_in_a_multitask_model(cpg_pair, demo_cache):
-    from piggyback.backbones import build_backbone
-
+def test_artifacts_rebuild_the_sequence_in_a_multitask_model(cpg_pair, sequence_model):
     module, data_a, data_b, logits_a, _, _, artifact_a, _ = cpg_pair
-    artifact_b = module.export_task("digits_mod3")
-    assert artifact_b.extra_meta["previous_tasks"] == ["digits_rotated"]
-    pretrained = build_backbone("small_cnn", weights="demo", cache_dir=str(demo_cache)).model
-    with pytest.raises(ArtifactError, match="untouched backbone"):
-        apply_artifact(pretrained, artifact_b)
-    model = MultiTaskModel(pretrained, "small_cnn")
-    with pytest.raises(ArtifactError, match=r"builds on tasks \['digits_rotated'\]"):
-        model.add_task(artifact_b)
-    model.add_task(artifact_a)
-    model.add_task(artifact_b)
+    model, artifact_b = sequence_model(module, artifact_a)
     data_a.setup("test")
     x = next(iter(data_a.test_dataloader()))[0]
     data_b.setup("test")
@@ -192,28 +178,9 @@ def test_artifacts_rebuild_the_sequence_in_a_multitask_model(cpg_pair, demo_cach
         assert torch.allclose(model(xb, task="digits_mod3"), module(xb), atol=1e-5)
 
 
-def test_cpg_runs_the_demo_sequence_from_the_cli(tmp_path):
+def test_cpg_runs_the_demo_sequence_from_the_cli(demo_sequence_cli, tmp_path):
     """``python train.py method=cpg``: the demo's three tasks, compacted, with the cl block."""
-    args = [
-        "method=cpg",
-        "trainer.max_epochs=3",
-        "+trainer.limit_train_batches=3",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
-        "trainer.enable_progress_bar=false",
-        "logger=none",
-        "callbacks=none",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    result = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    import json
-
-    summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["method"] == "cpg" and len(summary["tasks"]) == 3
-    assert summary["cl"]["bwt"] == 0.0
+    demo_sequence_cli("cpg", epochs=3)
     names = sorted(p.name for p in (tmp_path / "artifacts").iterdir())
     assert names == [f"digits_{t}.safetensors" for t in ("inverted", "mod3", "rotated")]
 

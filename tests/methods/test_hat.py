@@ -3,9 +3,6 @@ rules against hand computations, binary stored gates, storage, no forgetting."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,14 +13,13 @@ from timm.models.vision_transformer import VisionTransformer as TimmViT
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig
 
-from piggyback.backbones import build_backbone
 from piggyback.data.digits import DigitsDataModule
-from piggyback.formats import ArtifactError, load_artifact
-from piggyback.methods import HAT, apply_artifact, build_method, method_class
+from piggyback.formats import load_artifact
+from piggyback.methods import HAT, build_method, method_class
 from piggyback.methods.hat import attenuation, hard_gate, unit_view
 from piggyback.methods.ownership import FREE
 from piggyback.models.module import PiggybackModule
-from piggyback.models.multitask import MultiTaskModel, load_bundle, save_bundle
+from piggyback.models.multitask import load_bundle, save_bundle
 from piggyback.models.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.nn import MaskingError
 
@@ -159,32 +155,16 @@ def test_earlier_task_logits_are_bit_identical(hat_pair):
     assert torch.equal(logits_on_test_split(module, data_b), logits_b)
 
 
-def test_artifacts_rebuild_the_sequence_and_the_bundle(hat_pair, demo_cache, tmp_path):
+def test_artifacts_rebuild_the_sequence_and_the_bundle(
+    hat_pair, sequence_model, assert_bit_exact, tmp_path
+):
     module, data_a, data_b, logits_a, _, _, artifact_a = hat_pair
-    artifact_b = module.export_task("digits_mod3")
-    assert artifact_b.extra_meta["previous_tasks"] == ["digits_rotated"]
+    model, artifact_b = sequence_model(module, artifact_a)
     assert set(artifact_b.extra_meta["gates"]) == set(module.method.gate_info)
-    pretrained = build_backbone("small_cnn", weights="demo", cache_dir=str(demo_cache)).model
-    with pytest.raises(ArtifactError, match="untouched backbone"):
-        apply_artifact(pretrained, artifact_b)
-    model = MultiTaskModel(pretrained, "small_cnn")
-    with pytest.raises(ArtifactError, match=r"builds on tasks \['digits_rotated'\]"):
-        model.add_task(artifact_b)
-    model.add_task(artifact_a)
-    model.add_task(artifact_b)
     bundle = load_bundle(save_bundle(model, tmp_path / "hat.safetensors"))
-    data_a.setup("test")
-    data_b.setup("test")
-    x = next(iter(data_a.test_dataloader()))[0]
-    xb = next(iter(data_b.test_dataloader()))[0]
-    module.set_task("digits_mod3")
-    module.eval()
-    with torch.no_grad():
-        expected_b = module(xb)
-        for m in (model, bundle):
-            assert torch.equal(m(x, task="digits_rotated"), logits_a[: len(x)])
-            assert torch.equal(m(xb, task="digits_mod3"), expected_b)
-            assert m.infer_task(x, "entropy") in ("digits_rotated", "digits_mod3")
+    x, _ = assert_bit_exact(module, (model, bundle), data_a, data_b, logits_a)
+    for m in (model, bundle):
+        assert m.infer_task(x, "entropy") in ("digits_rotated", "digits_mod3")
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, train_keeping_epochs):
@@ -344,23 +324,6 @@ def test_from_a_randomly_initialised_resnet18_on_split_cifar10(make_cfg):
     _step(module, torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))
 
 
-def test_hat_runs_the_demo_sequence_from_the_cli(tmp_path):
+def test_hat_runs_the_demo_sequence_from_the_cli(demo_sequence_cli):
     """``python train.py method=hat``: the demo's three tasks, BWT exactly 0."""
-    args = [
-        "method=hat",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=3",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
-        "trainer.enable_progress_bar=false",
-        "logger=none",
-        "callbacks=none",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    result = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["method"] == "hat" and len(summary["tasks"]) == 3
-    assert summary["cl"]["bwt"] == 0.0
+    demo_sequence_cli("hat")

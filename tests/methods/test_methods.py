@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from piggyback.data.digits import DigitsDataModule
-from piggyback.formats import ArtifactError
 from piggyback.methods import (
     REGISTRY,
     ClassifierOnly,
@@ -14,13 +13,11 @@ from piggyback.methods import (
     FinetuneSequential,
     PackNet,
     Piggyback,
-    apply_artifact,
     build_method,
     method_class,
 )
 from piggyback.methods.packnet import FREE, owner_bits, pack_codes, unpack_codes
 from piggyback.models.module import PiggybackModule
-from piggyback.models.multitask import MultiTaskModel
 from piggyback.models.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.nn import masked_weights
 
@@ -164,21 +161,10 @@ def test_packnet_earlier_task_logits_are_bit_identical(packnet_pair):
 
 
 def test_packnet_artifacts_rebuild_the_sequence_and_refuse_an_untouched_backbone(
-    packnet_pair, demo_cache
+    packnet_pair, sequence_model
 ):
-    from piggyback.backbones import build_backbone
-
     module, data_a, data_b, logits_a, _, _, artifact_a = packnet_pair
-    artifact_b = module.export_task("digits_mod3")
-    assert artifact_b.extra_meta["previous_tasks"] == ["digits_rotated"]
-    pretrained = build_backbone("small_cnn", weights="demo", cache_dir=str(demo_cache)).model
-    with pytest.raises(ArtifactError, match="untouched backbone"):
-        apply_artifact(pretrained, artifact_b)
-    model = MultiTaskModel(pretrained, "small_cnn")
-    with pytest.raises(ArtifactError, match=r"builds on tasks \['digits_rotated'\]"):
-        model.add_task(artifact_b)
-    model.add_task(artifact_a)
-    model.add_task(artifact_b)
+    model, artifact_b = sequence_model(module, artifact_a)
     data_a.setup("test")
     x = next(iter(data_a.test_dataloader()))[0]
     with torch.no_grad():

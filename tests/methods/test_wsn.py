@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +10,14 @@ import torchvision
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig
 
-from piggyback.backbones import build_backbone
 from piggyback.data.digits import DigitsDataModule
-from piggyback.formats import ArtifactError, load_artifact
+from piggyback.formats import load_artifact
 from piggyback.masks.taskmap import decode_plane, encode_plane, plane_bits, task_map
-from piggyback.methods import WSN, apply_artifact, build_method, method_class
+from piggyback.methods import WSN, build_method, method_class
 from piggyback.methods.ownership import FREE
 from piggyback.methods.wsn import keep_count, score_of, top_fraction
 from piggyback.models.module import PiggybackModule
-from piggyback.models.multitask import MultiTaskModel, load_bundle, save_bundle
+from piggyback.models.multitask import load_bundle, save_bundle
 from piggyback.models.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.nn import masked_weights, materialize
 
@@ -151,36 +147,20 @@ def test_earlier_task_logits_are_bit_identical(wsn_pair):
     assert torch.equal(logits_on_test_split(module, data_b), logits_b)
 
 
-def test_artifacts_rebuild_the_sequence_bundle_and_oneshot(wsn_pair, demo_cache, tmp_path):
+def test_artifacts_rebuild_the_sequence_bundle_and_oneshot(
+    wsn_pair, sequence_model, assert_bit_exact, tmp_path
+):
     module, data_a, data_b, logits_a, _, _, artifact_a, _ = wsn_pair
-    artifact_b = module.export_task("digits_mod3")
+    model, artifact_b = sequence_model(module, artifact_a)
     meta = artifact_b.extra_meta
-    assert meta["previous_tasks"] == ["digits_rotated"] and meta["kept"] == pytest.approx(0.3, 1e-2)
+    assert meta["kept"] == pytest.approx(0.3, 1e-2)
     assert meta["map"]["uncoded_bits_per_weight"] == 2.0
     assert meta["map"]["bits_per_weight"] < 2.0  # the planes, coded given the earlier ones
     assert meta["map"]["bits_per_weight"] == pytest.approx(
         artifact_a.extra_meta["map"]["bits_per_weight"] + meta["map"]["this_task_bits_per_weight"]
     )
-    pretrained = build_backbone("small_cnn", weights="demo", cache_dir=str(demo_cache)).model
-    with pytest.raises(ArtifactError, match="untouched backbone"):
-        apply_artifact(pretrained, artifact_b)
-    model = MultiTaskModel(pretrained, "small_cnn")
-    with pytest.raises(ArtifactError, match=r"builds on tasks \['digits_rotated'\]"):
-        model.add_task(artifact_b)
-    model.add_task(artifact_a)
-    model.add_task(artifact_b)
     bundle = load_bundle(save_bundle(model, tmp_path / "wsn.safetensors"))
-    data_a.setup("test")
-    data_b.setup("test")
-    x = next(iter(data_a.test_dataloader()))[0]
-    xb = next(iter(data_b.test_dataloader()))[0]
-    module.set_task("digits_mod3")
-    module.eval()
-    with torch.no_grad():
-        expected_b = module(xb)
-        for m in (model, bundle):
-            assert torch.equal(m(x, task="digits_rotated"), logits_a[: len(x)])
-            assert torch.equal(m(xb, task="digits_mod3"), expected_b)
+    x, _ = assert_bit_exact(module, (model, bundle), data_a, data_b, logits_a)
     # a WSN task is a binary mask over the one shared network: SupSup's one-shot applies
     assert bundle.infer_task(x, "oneshot") in ("digits_rotated", "digits_mod3")
 
@@ -285,26 +265,9 @@ def test_architectures_keep_c_and_freeze_earlier_weights(arch, tmp_path):
         assert torch.equal(layer.weight.detach()[owned], before[name][owned]), name
 
 
-def test_wsn_runs_the_demo_sequence_from_the_cli(tmp_path):
+def test_wsn_runs_the_demo_sequence_from_the_cli(demo_sequence_cli):
     """``python train.py method=wsn``: the demo's three tasks, BWT exactly 0."""
-    args = [
-        "method=wsn",
-        "trainer.max_epochs=1",
-        "+trainer.limit_train_batches=3",
-        "+trainer.limit_val_batches=1",
-        "+trainer.limit_test_batches=1",
-        "trainer.enable_progress_bar=false",
-        "logger=none",
-        "callbacks=none",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    result = subprocess.run(
-        [sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=900
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["method"] == "wsn" and len(summary["tasks"]) == 3
-    assert summary["cl"]["bwt"] == 0.0
+    demo_sequence_cli("wsn")
 
 
 def test_from_a_randomly_initialised_resnet18_on_split_cifar10(make_cfg):
