@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from family_claims import claims_table
 from family_data import method_stats, setting_label
 
 from piggyback.utils.atomic import atomic_write_stream
@@ -180,6 +181,10 @@ def docs_block(results: dict[str, Any]) -> str:
             f"![accuracy against bytes per task]({BYTES_PLOT})",
             f"Accuracy matrix of `{method}`, seed {seed} (row: after training that task):",
             f"![accuracy matrix]({MATRIX_PLOT})",
+            "The papers' orderings, checked seed by seed (a − b: difference of the mean over "
+            "the domains, paired by seed; holds: every shared seed agrees, at least two; "
+            "reversed: every seed says the opposite; `benchmarks/family_claims.py`):",
+            claims_table(results),
         ]
     )
 

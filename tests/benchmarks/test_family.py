@@ -339,3 +339,24 @@ def test_run_command_launches_train_py_with_one_thread(family, tmp_path, monkeyp
     assert env["OMP_NUM_THREADS"] == "1"
     family.main([*argv, "--seeds", "0"])  # finished: not launched again
     assert len(calls) == 1
+
+
+def test_the_papers_orderings_are_checked_seed_by_seed(family, runs):
+    import family_claims
+
+    results = family.family_data.gather([runs])
+    # shared seeds 0 and 1; domain means finetune 0.7, 0.5 and piggyback 0.6, 0.75
+    claim = family_claims.Claim("finetune", "piggyback", "x")
+    found = family_claims.check(results, claim)
+    assert found["diffs"] == pytest.approx([10.0, -25.0])
+    assert found["verdict"] == "within the seed spread"
+    results["methods"]["finetune"]["runs"][1]["test_final"]["tiles"] = 1.0  # seed 1: 0.8, +5
+    assert family_claims.check(results, claim)["verdict"] == "holds"
+    reverse = family_claims.Claim("piggyback", "finetune", "x")
+    assert family_claims.check(results, reverse)["verdict"] == "reversed"
+    rows = markdown_rows(family_claims.claims_table(results))
+    assert rows["Mallya et al. 2018: Piggyback close to, below, fine-tuning (`finetune` − "
+                "`piggyback`)"] == ["+7.5 ± 3.5", "2 of 2", "holds"]  # fmt: skip
+    assert (
+        rows["Hung et al. 2019: CPG ≥ PackNet (`cpg` − `packnet`)"][-1] == "not run (cpg, packnet)"
+    )
