@@ -109,3 +109,15 @@ def test_batches_of_different_lengths_join_padded():
     assert select_inputs(joined, [2])["input_ids"].tolist() == [[9, 3, 3]]
     images = torch.zeros(2, 3, 4, 4)
     assert concat_inputs([images, images]).shape == (4, 3, 4, 4) and num_inputs(images) == 2
+
+
+def test_data_classes_pick_and_order_the_labels(text_tasks, tiny_text_model):
+    """``data.classes``: a subset of train.tsv's labels in the given order (the ids), or an
+    error that names what is missing; the rule the image folders share (``adopt_classes``)."""
+    dm = _module(text_tasks, tokenizer=str(tiny_text_model), classes=["positive", "negative"])
+    dm.setup("fit")
+    assert dm.class_names == ["positive", "negative"]
+    assert dm.class_to_idx == {"positive": 0, "negative": 1}
+    bad = _module(text_tasks, tokenizer=str(tiny_text_model), classes=["positive", "neutral"])
+    with pytest.raises(DataError, match=r"data.classes \['neutral'\] are not in .*train.tsv"):
+        bad.setup("fit")

@@ -123,6 +123,25 @@ class TaskDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
+    def adopt_classes(self, found: list[str], where: str, empty: str) -> dict[str, int]:
+        """Fix the task's class ids from the classes ``found`` in its train split (``where``
+        says in what): ``data.classes`` when given (each must be found; their order is the
+        ids'), else every class found. ``empty``: the error when there is none."""
+        if self.classes is not None:
+            missing = [c for c in self.classes if c not in found]
+            if missing:
+                raise DataError(
+                    f"task {self.task_name!r}: data.classes {missing} are not in {where} "
+                    f"(it has {found[:10]})"
+                )
+            found = list(self.classes)
+        if not found:
+            raise DataError(f"task {self.task_name!r}: {empty}")
+        self.check_num_classes(len(found), where)
+        self.class_to_idx = {c: i for i, c in enumerate(found)}
+        self.class_names = found
+        return self.class_to_idx
+
     def check_num_classes(self, found: int, where: str) -> None:
         """Fail early when the data disagrees with the config: a wrong head size trains silently."""
         if found != self.num_classes:

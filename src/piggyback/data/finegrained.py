@@ -168,23 +168,9 @@ class ImageFolderDataModule(TaskDataModule):
         """Class ids from the train folders only, so every split and run agrees on them."""
         if self.class_to_idx is None:
             train_dir = self._split_dir("train")
-            classes = self._list_classes(train_dir)
-            if self.classes is not None:
-                missing = [c for c in self.classes if c not in classes]
-                if missing:
-                    raise DataError(
-                        f"task {self.task_name!r}: data.classes {missing} have no folder in "
-                        f"{train_dir} (it has {classes[:10]})"
-                    )
-                classes = list(self.classes)
-            if not classes:
-                raise DataError(
-                    f"task {self.task_name!r}: no class folders in {train_dir}; "
-                    f"{_layout(self.root, self.name, self.test_split)}."
-                )
-            self.check_num_classes(len(classes), f"{train_dir}")
-            self.class_to_idx = {c: i for i, c in enumerate(classes)}
-            self.class_names = classes
+            layout = _layout(self.root, self.name, self.test_split)
+            empty = f"no class folders in {train_dir}; {layout}."
+            self.adopt_classes(self._list_classes(train_dir), str(train_dir), empty)
         return self.class_to_idx
 
     def _scan(self, split: str) -> list[tuple[str, int]]:

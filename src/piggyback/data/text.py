@@ -218,19 +218,7 @@ class TextDataModule(TaskDataModule):
         """Class ids from the labels of train.tsv only, so every split and run agrees."""
         if self.class_to_idx is None:
             found = sorted({label for label, _ in self._rows("train")})
-            if self.classes is not None:
-                missing = [c for c in self.classes if c not in found]
-                if missing:
-                    raise DataError(
-                        f"task {self.task_name!r}: data.classes {missing} do not occur in "
-                        f"train.tsv (its labels: {found[:10]})"
-                    )
-                found = list(self.classes)
-            if not found:
-                raise DataError(f"task {self.task_name!r}: train.tsv holds no sentence")
-            self.check_num_classes(len(found), str(self._file("train")))
-            self.class_to_idx = {c: i for i, c in enumerate(found)}
-            self.class_names = found
+            self.adopt_classes(found, str(self._file("train")), "train.tsv holds no sentence")
         return self.class_to_idx
 
     def _rows(self, split: str) -> list[tuple[str, str]]:
