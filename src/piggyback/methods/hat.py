@@ -85,7 +85,12 @@ from torch import nn
 
 from piggyback.formats import ArtifactError, ArtifactParts, TaskArtifact
 from piggyback.methods.base import BN_TYPES, Method, TaskState
-from piggyback.methods.hosts import InferenceHost, TrainingHost, sequence_state
+from piggyback.methods.hosts import (
+    InferenceHost,
+    TrainingHost,
+    sequence_state,
+    untouched_backbone_error,
+)
 from piggyback.methods.ownership import FREE
 from piggyback.nn import MaskingError, mask_model, masked_modules, module_masks
 
@@ -560,12 +565,8 @@ class HAT(Method):
         artifact: TaskArtifact,
         pretrained_bn: Mapping[str, torch.Tensor] | None,
     ) -> None:
-        raise ArtifactError(
-            f"HAT task {artifact.task!r} cannot be applied to an untouched backbone: its "
-            "units' weights were trained by it and by every task before it "
-            f"({artifact.extra_meta.get('previous_tasks')}). Load the whole sequence in "
-            "order: MultiTaskModel.from_artifacts([...]) or evaluate.py on the run's artifacts."
-        )
+        why = "its units' weights were trained by it and by every task before it"
+        raise untouched_backbone_error("HAT", artifact, why)
 
     # ------------------------------------------------------ multi-task model
     @classmethod

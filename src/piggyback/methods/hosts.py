@@ -65,6 +65,16 @@ class InferenceHost(Protocol):
     def separate_network(self, artifact: TaskArtifact | None) -> nn.Module: ...
 
 
+def untouched_backbone_error(method: str, artifact: TaskArtifact, why: str) -> ArtifactError:
+    """The refusal of a sequence method's task on a backbone no earlier task touched: ``why``
+    says what the task's weights depend on; the message names the tasks to load first."""
+    return ArtifactError(
+        f"{method} task {artifact.task!r} cannot be applied to an untouched backbone: {why} "
+        f"({artifact.extra_meta.get('previous_tasks')}). Load the whole sequence in order: "
+        "MultiTaskModel.from_artifacts([...]) or evaluate.py on the run's artifacts."
+    )
+
+
 def sequence_state(
     model: InferenceHost, key: str, label: str, artifact: TaskArtifact, **empty: Any
 ) -> dict[str, Any]:

@@ -19,9 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from piggyback.formats import ArtifactError, ArtifactParts, TaskArtifact
+from piggyback.formats import ArtifactParts, TaskArtifact
 from piggyback.methods.base import BN_TYPES, Method
-from piggyback.methods.hosts import InferenceHost, TrainingHost, sequence_state
+from piggyback.methods.hosts import (
+    InferenceHost,
+    TrainingHost,
+    sequence_state,
+    untouched_backbone_error,
+)
 from piggyback.nn import mask_model, masked_weights
 
 FREE = 255
@@ -231,12 +236,8 @@ class OwnedWeights(Method):
         artifact: TaskArtifact,
         pretrained_bn: Mapping[str, torch.Tensor] | None,
     ) -> None:
-        raise ArtifactError(
-            f"{cls.__name__} task {artifact.task!r} cannot be applied to an untouched backbone: "
-            "its weights are the pretrained ones pruned and retrained by every task before it "
-            f"({artifact.extra_meta.get('previous_tasks')}). Load the whole sequence in "
-            "order: InferenceHost.from_artifacts([...]) or evaluate.py on the run's artifacts."
-        )
+        why = "its weights are the pretrained ones pruned and retrained by every task before it"
+        raise untouched_backbone_error(cls.__name__, artifact, why)
 
     # ------------------------------------------------------ multi-task model
     @classmethod
