@@ -289,7 +289,9 @@ def test_a_variant_is_tried_at_the_chosen_scale_and_chosen_on_validation(family,
 
 
 def test_the_variants_are_read_from_the_experiment(family):
-    assert family.grid_variants() == {"packnet": ["method.prune=0.5"]}
+    variants = family.grid_variants()
+    assert variants["packnet"] == ["method.prune=0.5"]
+    assert variants["piggyback"] == variants["ksm"] == ["method.lr.masks=5e-4"]
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(family, tmp_path):
@@ -332,7 +334,7 @@ def test_run_command_launches_train_py_with_one_thread(family, tmp_path, monkeyp
         return SimpleNamespace(returncode=0)
 
     monkeypatch.setattr(family.subprocess, "run", fake_run)
-    argv = ["run", "--out", str(tmp_path), "--methods", "piggyback", "--scales", "1"]
+    argv = ["run", "--out", str(tmp_path), "--methods", "finetune", "--scales", "1"]
     family.main([*argv, "--seeds", "0", "paths.data_dir=/data"])
     ((command, env),) = calls
     assert command[1] == str(REPO / "train.py") and command[-1] == "paths.data_dir=/data"
