@@ -4,6 +4,11 @@
     python benchmarks/family.py gather runs/family        # -> results/family.json + render
     python benchmarks/family.py render                    # docs/results.md, README.md, plots
     python benchmarks/family.py render --check            # exit 1 if a page is out of date
+    python benchmarks/family.py --experiment text_family run paths.data_dir=../shared/data
+
+``--experiment``: the protocol, ``conf/experiment/<name>.yaml`` (``family``, the default, or
+``text_family``); another than ``family`` runs into ``runs/<name>``, gathers into
+``results/<name>.json`` and renders docs/results.md's ``<!-- <name>:begin -->`` block only.
 
 ``run``: every method of ``conf/experiment/family.yaml`` (fine-tuning first), each at every
 ``method.lr_scale`` of its grid at the first seed, then the scale with the best mean
@@ -84,6 +89,11 @@ def finished(folder: Path) -> bool:
         return False
 
 
+def experiment_file(experiment: str) -> Path:
+    """``conf/experiment/<experiment>.yaml``: the protocol (sweep, grids, budget)."""
+    return REPO / "conf" / "experiment" / f"{experiment}.yaml"
+
+
 def train_command(
     method: str,
     scale: str,
@@ -91,10 +101,11 @@ def train_command(
     folder: Path,
     overrides: Sequence[str],
     variant: str = "",
+    experiment: str = "family",
 ) -> list[str]:
     """The overrides of one run (``overwrite_artifacts``: a killed run's artifacts are redone)."""
     return [
-        "experiment=family",
+        f"experiment={experiment}",
         f"method={method}",
         f"method.lr_scale={scale}",
         *([variant] if variant else []),
@@ -147,6 +158,7 @@ def run_family(
     variants: dict[str, list[str]] | None = None,
     overrides: Sequence[str] = (),
     launch: Launch = subprocess_launch,
+    experiment: str = "family",
 ) -> list[str]:
     """Every run of the protocol not yet finished; returns the runs that failed.
 
@@ -165,7 +177,7 @@ def run_family(
                                 chosen["finetune"][1]) / "metrics.json"  # fmt: skip
             if reference.is_file():
                 extra.append(f"method.reference={reference.resolve()}")
-        command = train_command(method, scale, seed, folder.resolve(), extra, variant)
+        command = train_command(method, scale, seed, folder.resolve(), extra, variant, experiment)
         if launch(command, folder) != 0:
             failed.append(str(folder))
 
@@ -193,15 +205,23 @@ def run_family(
     return failed
 
 
-def render(results_path: Path, *, check: bool = False, plots: bool = True) -> list[Path]:
+def render(
+    results_path: Path, *, check: bool = False, plots: bool = True, experiment: str = "family"
+) -> list[Path]:
     """Write (or with ``check`` compare) the README block, the docs block and the plots;
-    returns the pages that differ from what the results render to."""
+    returns the pages that differ from what the results render to. Another experiment than
+    ``family`` renders into docs/results.md only, between ``<!-- <experiment>:begin -->`` and
+    ``<!-- <experiment>:end -->``, with plots of its own name."""
     results = json.loads(results_path.read_text())
     stale = []
-    pages = {
-        README: (family_render.README_MARKER, family_render.readme_block(results)),
-        DOCS: (family_render.DOCS_MARKER, family_render.docs_block(results)),
-    }
+    docs = (family_render.DOCS_MARKER if experiment == "family" else experiment,
+            family_render.docs_block(results, experiment))  # fmt: skip
+    pages = {DOCS: docs}
+    if experiment == "family":
+        pages = {
+            README: (family_render.README_MARKER, family_render.readme_block(results)),
+            **pages,
+        }
     for page, (marker, body) in pages.items():
         text = page.read_text()
         new = family_render.replace_block(text, marker, body)
@@ -210,16 +230,23 @@ def render(results_path: Path, *, check: bool = False, plots: bool = True) -> li
             if not check:
                 atomic_write_text(page, new, overwrite=True)
     if plots and not check:
-        family_render.plot_accuracy_bytes(results, DOCS.parent / family_render.BYTES_PLOT)
-        family_render.plot_matrix(results, DOCS.parent / family_render.MATRIX_PLOT)
+        bytes_plot, matrix_plot = family_render.plot_names(experiment)
+        family_render.plot_accuracy_bytes(results, DOCS.parent / bytes_plot)
+        family_render.plot_matrix(results, DOCS.parent / matrix_plot)
     return stale
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--experiment",
+        default="family",
+        help="the protocol, conf/experiment/<name>.yaml (default family; text_family: the "
+        "three text tasks); its results go to results/<name>.json",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every unfinished run of the protocol")
-    run.add_argument("--out", type=Path, default=Path("runs/family"))
+    run.add_argument("--out", type=Path, help="default: runs/<experiment>")
     run.add_argument("--methods", type=lambda t: t.split(","), help="a subset, comma-separated")
     run.add_argument("--seeds", type=lambda t: t.split(","), help="default: the experiment's")
     run.add_argument("--scales", type=lambda t: t.split(","), help="default: the experiment's")
@@ -232,36 +259,43 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     gather = sub.add_parser("gather", help="records -> results/family.json, then render")
     gather.add_argument("roots", type=Path, nargs="+", help="folders of runs (any depth)")
-    gather.add_argument("--out", type=Path, default=RESULTS)
+    gather.add_argument("--out", type=Path, help="default: results/<experiment>.json")
     gather.add_argument("--no-render", action="store_true")
     show = sub.add_parser("render", help="results/family.json -> README, docs, plots")
-    show.add_argument("results", type=Path, nargs="?", default=RESULTS)
+    show.add_argument("results", type=Path, nargs="?", help="default: results/<experiment>.json")
     show.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
     args, overrides = parser.parse_known_args(argv)
     if overrides and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    name = args.experiment
+    protocol = experiment_file(name)
+    results_default = RESULTS if name == "family" else RESULTS.parent / f"{name}.json"
     try:
+        if not protocol.is_file():
+            raise family_data.FamilyError(f"no experiment {name!r}: {protocol} does not exist")
         if args.command == "run":
-            methods, scales, seeds = sweep_params()
+            methods, scales, seeds = sweep_params(protocol)
             failed = run_family(
-                args.out,
+                args.out or Path("runs") / name,
                 methods=args.methods or methods,
                 scales=args.scales or scales,
                 seeds=args.seeds or seeds,
-                variants=grid_variants(),
+                variants=grid_variants(protocol),
                 overrides=overrides,
                 launch=functools.partial(subprocess_launch, threads=args.threads),
+                experiment=name,
             )
             if failed:
                 fail(f"{len(failed)} run(s) failed (see above): {', '.join(failed)}")
             return
         if args.command == "gather":
-            path = family_data.write_results(family_data.gather(args.roots), args.out)
+            results = family_data.gather(args.roots)
+            path = family_data.write_results(results, args.out or results_default)
             print(f"wrote {path}", file=sys.stderr)
             if args.no_render:
                 return
             args.results, args.check = path, False
-        stale = render(args.results, check=args.check)
+        stale = render(args.results or results_default, check=args.check, experiment=name)
         if args.check and stale:
             print(
                 f"out of date: {', '.join(map(str, stale))}; run python benchmarks/family.py "

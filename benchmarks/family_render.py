@@ -23,6 +23,15 @@ README_MARKER = "family-headline"
 DOCS_MARKER = "family"
 BYTES_PLOT = "family_accuracy_vs_bytes.png"
 MATRIX_PLOT = "family_accuracy_matrix.png"
+
+
+def plot_names(experiment: str = "family") -> tuple[str, str]:
+    """The two plots' file names in docs/ for an experiment's table (bytes, matrix)."""
+    if experiment == "family":
+        return BYTES_PLOT, MATRIX_PLOT
+    return f"{experiment}_accuracy_vs_bytes.png", f"{experiment}_accuracy_matrix.png"
+
+
 MATRIX_METHODS = ("finetune_sequential", "piggyback")
 """The heat map shows the first of these that ran (forgetting, or its absence), at its
 lowest seed."""
@@ -167,9 +176,10 @@ def readme_block(results: dict[str, Any]) -> str:
     )
 
 
-def docs_block(results: dict[str, Any]) -> str:
+def docs_block(results: dict[str, Any], experiment: str = "family") -> str:
     """docs/results.md's generated block: both tables, caption, provenance, both plots."""
     method, seed = matrix_choice(results)
+    bytes_plot, matrix_plot = plot_names(experiment)
     return "\n\n".join(
         [
             headline_table(results),
@@ -178,9 +188,9 @@ def docs_block(results: dict[str, Any]) -> str:
             "least one seed), training seconds per task (mean over domains and seeds) and "
             "minutes per run (evaluations included):",
             task_table(results),
-            f"![accuracy against bytes per task]({BYTES_PLOT})",
+            f"![accuracy against bytes per task]({bytes_plot})",
             f"Accuracy matrix of `{method}`, seed {seed} (row: after training that task):",
-            f"![accuracy matrix]({MATRIX_PLOT})",
+            f"![accuracy matrix]({matrix_plot})",
             "The papers' orderings, checked seed by seed (a − b: difference of the mean over "
             "the domains, paired by seed; holds: every shared seed agrees, at least two; "
             "reversed: every seed says the opposite; `benchmarks/family_claims.py`):",

@@ -362,3 +362,28 @@ def test_the_papers_orderings_are_checked_seed_by_seed(family, runs):
     assert (
         rows["Hung et al. 2019: CPG ≥ PackNet (`cpg` − `packnet`)"][-1] == "not run (cpg, packnet)"
     )
+
+
+def test_another_experiment_runs_into_its_own_folders_and_block(
+    family, runs, tmp_path, monkeypatch
+):
+    """``--experiment text_family``: its sweep and grids, ``experiment=text_family`` in every
+    command, results/<name>.json by default, and docs/results.md's block of that name."""
+    methods, scales, seeds = family.sweep_params(family.experiment_file("text_family"))
+    assert "piggyback_bn" not in methods and methods[0] == "finetune" and "hat" in methods
+    assert family.grid_variants(family.experiment_file("text_family"))["packnet"] == [
+        "method.prune=0.5"
+    ]
+    command = family.train_command("wsn", "1", "0", tmp_path, [], experiment="text_family")
+    assert command[0] == "experiment=text_family"
+    docs = tmp_path / "results.md"
+    docs.write_text(PAGE.format(m="text_family"))
+    out = tmp_path / "text.json"
+    family.family_data.write_results(family.family_data.gather([runs]), out)
+    monkeypatch.setattr(family, "DOCS", docs)
+    assert family.render(out, plots=True, experiment="text_family") == [docs]
+    assert "text_family_accuracy_vs_bytes.png" in docs.read_text()
+    assert (tmp_path / "text_family_accuracy_matrix.png").is_file()
+    with pytest.raises(SystemExit) as stop:
+        family.main(["--experiment", "nope", "render"])
+    assert stop.value.code == 2
