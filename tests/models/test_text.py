@@ -49,7 +49,7 @@ def _text_cfg(make_cfg, model: Path, root: Path, *overrides: str):
 
 # finetune: a network per task; the others share one backbone and promise no forgetting
 @pytest.mark.parametrize(
-    "method", ["piggyback", "ksm", "packnet", "cpg", "finetune", "classifier_only"]
+    "method", ["piggyback", "ksm", "packnet", "cpg", "wsn", "hat", "finetune", "classifier_only"]
 )
 def test_every_method_learns_a_text_sequence(make_cfg, tiny_text_model, text_tasks, method):
     extra = ("method.compact_epochs=0",) if method == "cpg" else ()
