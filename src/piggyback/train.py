@@ -25,7 +25,13 @@ from piggyback.config.validate import ConfigError, check_config
 from piggyback.data.base import TaskDataModule
 from piggyback.evaluation.task_report import check_task_inference, sequence_task_inference
 from piggyback.training.interrupt import Interrupted, report_interrupt
-from piggyback.training.records import finished_metrics, print_tables, run_info, run_summary
+from piggyback.training.records import (
+    finished_metrics,
+    git_commit,
+    print_tables,
+    run_info,
+    run_summary,
+)
 from piggyback.training.run_folder import RunFolder
 from piggyback.training.sequence import AccuracyMatrix, continual_learning, task_configs
 from piggyback.training.task import build_module, train_task
@@ -72,6 +78,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _train(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
+    commit = git_commit()  # the code this process runs, whatever the checkout does meanwhile
     tasks = task_configs(cfg.data)
     check_config(cfg, tasks)
     check_task_inference(cfg)  # task inference: strategy names, oneshot needs masks
@@ -104,6 +111,7 @@ def _train(cfg: DictConfig) -> dict[str, Any]:
         seconds=time.perf_counter() - start,
         overrides=list(hydra_cfg.overrides.task) if hydra_cfg else None,
         choices=dict(hydra_cfg.runtime.choices) if hydra_cfg else None,
+        commit=commit,
     )
     if module is None or module.trainer is None or module.trainer.is_global_zero:
         folder.write_metrics(summary)

@@ -92,6 +92,9 @@ def test_run_info_says_how_the_run_was_made():
     assert info["torch"] and info["machine"] and info["cpu_count"] >= 1
     assert datetime.datetime.fromisoformat(info["date"]).tzinfo is not None
     json.dumps(info)  # goes into metrics.json as it is
+    # the commit taken when the run started wins over the checkout at its end
+    started = run_info(cfg, lr=None, seconds=1.0, commit=("abc123", False))
+    assert (started["commit"], started["dirty"]) == ("abc123", False)
 
 
 def test_a_collapse_reaches_the_record_and_the_table_and_a_finished_run_is_skipped(

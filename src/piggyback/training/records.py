@@ -166,14 +166,17 @@ def run_info(
     seconds: float,
     overrides: list[str] | None = None,
     choices: dict[str, Any] | None = None,
+    commit: tuple[str | None, bool | None] | None = None,
 ) -> dict[str, Any]:
     """``metrics.json``'s ``run`` block: what a results table needs besides the accuracies.
 
     ``lr``: the learning rates the method trained with (``method.lr`` times ``lr_scale``),
     ``seconds``: the run's wall-clock time, evaluations included; ``overrides``: Hydra's
     task overrides of this job, ``choices``: its config group choices (``method``:
-    ``piggyback_bn`` where the method's own name is ``piggyback``); None outside Hydra."""
-    commit, dirty = git_commit()
+    ``piggyback_bn`` where the method's own name is ``piggyback``); None outside Hydra.
+    ``commit``: :func:`git_commit` taken when the run started, the code it imported (a
+    checkout that moves on during a long run would be misattributed); None: now."""
+    commit, dirty = commit if commit is not None else git_commit()
     method = cfg.get("method") or {}
     return {
         "method": (choices or {}).get("method") or method.get("name"),
