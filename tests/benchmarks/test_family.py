@@ -387,3 +387,12 @@ def test_another_experiment_runs_into_its_own_folders_and_block(
     with pytest.raises(SystemExit) as stop:
         family.main(["--experiment", "nope", "render"])
     assert stop.value.code == 2
+
+
+def test_the_scratch_protocol_trains_from_a_random_init_with_hats_own_init_on_the_grid(family):
+    protocol = family.experiment_file("family_scratch")
+    cfg = yaml.safe_load(protocol.read_text())
+    assert cfg["backbone"]["weights"] is None
+    assert family.grid_variants(protocol)["hat"] == ["method.embedding_init=normal"]
+    methods, _, _ = family.sweep_params(protocol)
+    assert {"wsn", "hat", "packnet", "finetune_sequential"} <= set(methods)
