@@ -236,6 +236,18 @@ def _figure():
     return plt
 
 
+def _save(plt, fig, out: Path) -> Path:
+    """The figure as a PNG at ``out`` (atomic; no software tag, so a re-render is byte-stable)."""
+    fig.tight_layout()
+    atomic_write_stream(
+        out,
+        lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": None}),
+        overwrite=True,
+    )
+    plt.close(fig)
+    return out
+
+
 def plot_accuracy_bytes(results: dict[str, Any], out: Path) -> Path:
     """Mean accuracy over the domains against bytes per task (log), one point per method,
     the seeds' standard deviation as error bars."""
@@ -253,14 +265,7 @@ def plot_accuracy_bytes(results: dict[str, Any], out: Path) -> Path:
     n = len([t for t in results["tasks"] if t not in results["near"]])
     ax.set_ylabel(f"test accuracy, mean over the {n} domains (%)")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    atomic_write_stream(
-        out,
-        lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": None}),
-        overwrite=True,
-    )
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_matrix(results: dict[str, Any], out: Path) -> Path:
@@ -281,11 +286,4 @@ def plot_matrix(results: dict[str, Any], out: Path) -> Path:
     ax.set_yticks(range(len(tasks)), [f"after {t}" for t in tasks])
     ax.set_title(f"test accuracy (%): {method}, seed {seed}")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    atomic_write_stream(
-        out,
-        lambda f: fig.savefig(f, format="png", dpi=110, metadata={"Software": None}),
-        overwrite=True,
-    )
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
