@@ -394,5 +394,6 @@ def test_the_scratch_protocol_trains_from_a_random_init_with_hats_own_init_on_th
     cfg = yaml.safe_load(protocol.read_text())
     assert cfg["backbone"]["weights"] is None
     assert family.grid_variants(protocol)["hat"] == ["method.embedding_init=normal"]
+    assert family.grid_variants(protocol)["wsn"] == ["method.score_init=kaiming"]
     methods, _, _ = family.sweep_params(protocol)
     assert {"wsn", "hat", "packnet", "finetune_sequential"} <= set(methods)

@@ -37,6 +37,24 @@ def test_options_registry_and_config():
         WSN(capacity=10)
 
 
+def test_magnitude_scores_start_from_the_largest_pretrained_weights(demo_cache):
+    """``score_init=magnitude``: the first task's mask is the top ``capacity`` of each layer
+    by ``|W|`` (the pretrained network's largest weights), not a random subset."""
+    spec = {"_target_": "piggyback.methods.WSN", "name": "wsn", "score_init": "magnitude"}
+    module = demo_module(demo_cache, spec)
+    for name, layer in masked_weights(module.backbone):
+        expected = top_fraction(layer.weight.detach().abs(), 0.5)
+        assert torch.equal(layer.mask_real.detach(), expected), name
+        kept = layer.weight.detach().abs()[expected.bool()]
+        dropped = layer.weight.detach().abs()[~expected.bool()]
+        assert kept.min() >= dropped.max(), name
+    kaiming = demo_module(demo_cache, {**spec, "score_init": "kaiming"})
+    pairs = zip(masked_weights(module.backbone), masked_weights(kaiming.backbone), strict=True)
+    assert any(not torch.equal(a.mask_real, b.mask_real) for (_, a), (_, b) in pairs)
+    with pytest.raises(ValueError, match="score_init"):
+        WSN(score_init="zeros")
+
+
 def test_top_fraction_keeps_exactly_c_even_with_ties():
     for shape, c in (((7, 3, 3, 3), 0.5), ((10, 10), 0.03), ((5,), 1.0), ((4, 4), 0.01)):
         scores = torch.randn(shape)

@@ -36,9 +36,13 @@ Hyperparameters and their sources (ihaeyong/WSN):
   c = 3 % … 50 %).
 - Adam, lr 1e-3 for weights, scores and heads alike: ``--optim adam --lr 1e-3`` in every
   ``scripts/wsn/*.sh`` (one optimizer over ``model.parameters()``).
-- score init ``kaiming_uniform_(a=sqrt(5))``: ``SubnetConv2d/SubnetLinear.init_mask_parameters``
-  in ``networks/subnet.py``; scores are *not* re-initialised per task (``model.init_masks``
-  is commented out in the mains): ``reset_scores=false``.
+- score init ``kaiming_uniform_(a=sqrt(5))`` (``score_init="kaiming"``, the class default):
+  ``SubnetConv2d/SubnetLinear.init_mask_parameters`` in ``networks/subnet.py``, for a network
+  trained from scratch; on a pretrained one it keeps a random half of every layer at the first
+  step, so the YAML's default is ``magnitude`` (``|W|``: the largest ``capacity`` of each
+  pretrained layer; ours, measured in ``conf/method/wsn.yaml``); scores are *not*
+  re-initialised per task (``model.init_masks`` is commented out in the mains):
+  ``reset_scores=false``.
 - top-k over ``|score|`` with a straight-through gradient: ``GetSubnetFaster`` in
   ``networks/subnet.py``.
 - BatchNorm: the reference's ResNet-18 uses ``BatchNorm2d(affine=False,
@@ -73,6 +77,11 @@ from piggyback.nn import WeightMask, mask_model, masked_weights
 CONTEXTS = ("previous", "older", "free")
 """The contexts a plane is coded in (``piggyback.masks.taskmap``): weights the previous task
 keeps, weights only older tasks keep, weights no earlier task keeps."""
+SCORE_INITS = ("kaiming", "magnitude")
+"""``kaiming``: ``kaiming_uniform_(a=sqrt(5))``, the reference's (a random subnetwork at the
+first step, for a network trained from scratch); ``magnitude``: ``|W|`` of the starting
+weights, so the first task starts from the largest ``capacity`` of each pretrained layer."""
+
 SCORE = "wsn_score"
 """Name of the score parameter registered on each layer's :class:`WeightMask`."""
 
@@ -118,7 +127,12 @@ class WSN(OwnedWeights):
     mask_option_keys = ("target", "exclude")
 
     def __init__(
-        self, *, capacity: float = 0.5, reset_scores: bool = False, **options: Any
+        self,
+        *,
+        capacity: float = 0.5,
+        reset_scores: bool = False,
+        score_init: str = "kaiming",
+        **options: Any,
     ) -> None:
         super().__init__(**options)
         if not 0.0 < float(capacity) <= 1.0:
@@ -126,8 +140,11 @@ class WSN(OwnedWeights):
                 f"wsn capacity must be the fraction of each layer's weights a task keeps, in "
                 f"(0, 1] (0.1, not 10), got {capacity}"
             )
+        if score_init not in SCORE_INITS:
+            raise ValueError(f"wsn score_init must be one of {SCORE_INITS}, got {score_init!r}")
         self.capacity = float(capacity)
         self.reset_scores = bool(reset_scores)
+        self.score_init = score_init
 
     # ------------------------------------------------------------ the backbone
     def prepare_backbone(self, module: TrainingHost, mask_options: Mapping[str, Any]) -> None:
@@ -141,7 +158,10 @@ class WSN(OwnedWeights):
     @torch.no_grad()
     def _init_scores(self, module: TrainingHost) -> None:
         for _, mask in masked_weights(module.backbone):
-            nn.init.kaiming_uniform_(score_of(mask), a=math.sqrt(5))
+            if self.score_init == "magnitude":
+                score_of(mask).copy_(mask.weight.detach().abs())
+            else:
+                nn.init.kaiming_uniform_(score_of(mask), a=math.sqrt(5))
 
     def freeze(self, module: TrainingHost) -> None:
         super().freeze(module)  # the weights train (the free ones: on_after_backward)
