@@ -73,6 +73,21 @@ def _host(module, batches=10):
                            parameters=module.parameters)  # fmt: skip
 
 
+def test_the_slope_anneals_per_epoch_or_once_per_task(demo_cache):
+    """``anneal=epoch`` (the reference): ``s`` restarts at 1/s_max every epoch;
+    ``anneal=task``: one ramp over all of the task's steps (3 epochs of 10 batches here)."""
+    per_task = demo_module(demo_cache, {**SPEC, "anneal": "task"})
+    host = _host(per_task)
+    host.trainer.max_epochs, host.trainer.current_epoch = 3, 1
+    per_task.method.on_train_batch_start(host, 0)
+    assert per_task.method.slope == pytest.approx((400 - 1 / 400) * 10 / 30 + 1 / 400)
+    per_epoch = demo_module(demo_cache, SPEC)
+    per_epoch.method.on_train_batch_start(host, 0)
+    assert per_epoch.method.slope == pytest.approx(1 / 400)
+    with pytest.raises(ValueError, match="anneal"):
+        HAT(anneal="batch")
+
+
 def test_gradient_rules_against_a_hand_computation(demo_cache):
     """Weight gradients times ``1 - a_out``, the embedding gradient compensated as the
     reference does, the slope annealed per batch, the regulariser as written in the paper."""
@@ -242,7 +257,9 @@ def _module(builder, classifier, **spec) -> PiggybackModule:
     torch.manual_seed(0)
     backbone = {"model": builder(), "classifier": classifier}
     module = PiggybackModule(backbone=backbone, task="a", num_classes=3, method={**SPEC, **spec})
-    module._trainer = SimpleNamespace(num_training_batches=2)  # what the hooks read of it
+    module._trainer = SimpleNamespace(
+        num_training_batches=2, max_epochs=1, current_epoch=0
+    )  # what the hooks read of it
     return module
 
 
@@ -318,7 +335,7 @@ def test_from_a_randomly_initialised_resnet18_on_split_cifar10(make_cfg):
     backbone = {k: v for k, v in cfg.backbone.items() if k != "cache_dir"}
     torch.manual_seed(0)
     module = PiggybackModule(backbone=backbone, task="t1", num_classes=2, method=cfg.method)
-    module._trainer = SimpleNamespace(num_training_batches=2)
+    module._trainer = SimpleNamespace(num_training_batches=2, max_epochs=1, current_epoch=0)
     # every conv of a ResNet is followed by its BatchNorm: all gated after it
     assert all(info["at"] != layer for layer, info in module.method.gate_info.items())
     _step(module, torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))
