@@ -35,6 +35,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import family_compare
 import family_data
 import family_render
 import yaml
@@ -261,12 +262,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     gather.add_argument("roots", type=Path, nargs="+", help="folders of runs (any depth)")
     gather.add_argument("--out", type=Path, help="default: results/<experiment>.json")
     gather.add_argument("--no-render", action="store_true")
+    versus = sub.add_parser("compare", help="one method under two results files, by seed")
+    versus.add_argument("first", type=Path)
+    versus.add_argument("second", type=Path)
+    versus.add_argument("--method", required=True)
+    versus.add_argument("--labels", nargs=2, default=("first", "second"))
     show = sub.add_parser("render", help="results/family.json -> README, docs, plots")
     show.add_argument("results", type=Path, nargs="?", help="default: results/<experiment>.json")
     show.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
     args, overrides = parser.parse_known_args(argv)
     if overrides and args.command != "run":
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    if args.command == "compare":
+        try:
+            found = family_compare.compare(
+                json.loads(args.first.read_text()), json.loads(args.second.read_text()),
+                args.method,
+            )  # fmt: skip
+        except (OSError, ValueError, KeyError) as exc:
+            fail(str(exc).strip("'\""))
+        print(family_compare.compare_table(found, tuple(args.labels)))
+        return
     name = args.experiment
     protocol = experiment_file(name)
     results_default = RESULTS if name == "family" else RESULTS.parent / f"{name}.json"

@@ -397,3 +397,27 @@ def test_the_scratch_protocol_trains_from_a_random_init_with_hats_own_init_on_th
     assert family.grid_variants(protocol)["wsn"] == ["method.score_init=kaiming"]
     methods, _, _ = family.sweep_params(protocol)
     assert {"wsn", "hat", "packnet", "finetune_sequential"} <= set(methods)
+
+
+def test_one_method_under_two_settings_is_compared_seed_by_seed(family, runs, tmp_path, capsys):
+    """``family.py compare``: e.g. fp32 against bf16, the paired difference against the seed
+    spread."""
+    first = family.family_data.gather([runs])
+    second = json.loads(json.dumps(first))
+    for run, delta in zip(second["methods"]["piggyback"]["runs"], (0.01, -0.01, 0.0), strict=True):
+        run["test_final"] = {t: v + delta for t, v in run["test_final"].items()}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(first))
+    b.write_text(json.dumps(second))
+    family.main(["compare", str(a), str(b), "--method", "piggyback", "--labels", "fp32", "bf16"])
+    rows = markdown_rows(capsys.readouterr().out)
+    assert rows["0"] == ["60.0", "61.0", "+1.0"] and rows["1"] == ["75.0", "74.0", "-1.0"]
+    assert rows["mean"][-1] == "+0.0 (seed spread 12.6): within the seed spread"
+    for run in second["methods"]["piggyback"]["runs"]:
+        run["test_final"] = {t: v + 0.3 for t, v in run["test_final"].items()}
+    b.write_text(json.dumps(second))
+    family.main(["compare", str(a), str(b), "--method", "piggyback"])
+    assert "beyond the seed spread" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        family.main(["compare", str(a), str(b), "--method", "hat"])
+    assert stop.value.code == 2
