@@ -41,7 +41,7 @@ def check(results: dict[str, Any], claim: Claim) -> dict[str, Any]:
     methods = results["methods"]
     if claim.above not in methods or claim.below not in methods:
         missing = [m for m in (claim.above, claim.below) if m not in methods]
-        return {"diffs": [], "verdict": f"not run ({', '.join(missing)})"}
+        return {"diffs": [], "verdict": f"not in the table ({', '.join(missing)})"}
     domains = [t for t in results["tasks"] if t not in results["near"]]
     above = {r["seed"]: domain_mean(r, domains) for r in methods[claim.above]["runs"]}
     below = {r["seed"]: domain_mean(r, domains) for r in methods[claim.below]["runs"]}
