@@ -291,10 +291,14 @@ def test_a_variant_is_tried_at_the_chosen_scale_and_chosen_on_validation(family,
 def test_the_variants_are_read_from_the_experiment(family):
     variants = family.grid_variants()
     assert variants["packnet"] == ["method.prune=0.5"]
-    assert variants["piggyback"] == variants["ksm"] == [
-        "method.lr.masks=2e-4",
-        "method.lr.masks=5e-4",
-    ]
+    assert (
+        variants["piggyback"]
+        == variants["ksm"]
+        == [
+            "method.lr.masks=2e-4",
+            "method.lr.masks=5e-4",
+        ]
+    )
 
 
 def test_a_failed_run_is_reported_and_the_others_go_on(family, tmp_path):
