@@ -174,8 +174,8 @@ def run_family(
             return
         extra = list(overrides)
         if method == "cpg" and "finetune" in chosen:
-            reference = run_dir(out, "finetune", *chosen["finetune"][:1], seed,
-                                chosen["finetune"][1]) / "metrics.json"  # fmt: skip
+            ref_scale, ref_variant = chosen["finetune"]
+            reference = run_dir(out, "finetune", ref_scale, seed, ref_variant) / "metrics.json"
             if reference.is_file():
                 extra.append(f"method.reference={reference.resolve()}")
         command = train_command(method, scale, seed, folder.resolve(), extra, variant, experiment)
@@ -197,7 +197,8 @@ def run_family(
             continue
         for variant in mine:
             ensure(method, best[0], seeds[0], variant)
-        best = chosen_point(out, method, scales, mine, seeds[0]) or best
+        if mine:
+            best = chosen_point(out, method, scales, mine, seeds[0]) or best
         chosen[method] = best
         shown = f"lr_scale {best[0]}" + (f", {best[1]}" if best[1] else "")
         print(f"{method}: {shown} chosen on validation", file=sys.stderr, flush=True)
@@ -215,9 +216,7 @@ def render(
     ``<!-- <experiment>:end -->``, with plots of its own name."""
     results = json.loads(results_path.read_text())
     stale = []
-    docs = (family_render.DOCS_MARKER if experiment == "family" else experiment,
-            family_render.docs_block(results, experiment))  # fmt: skip
-    pages = {DOCS: docs}
+    pages = {DOCS: (experiment, family_render.docs_block(results, experiment))}
     if experiment == "family":
         pages = {
             README: (family_render.README_MARKER, family_render.readme_block(results)),

@@ -20,15 +20,10 @@ from family_data import method_stats, setting_label
 from piggyback.utils.atomic import atomic_write_stream
 
 README_MARKER = "family-headline"
-DOCS_MARKER = "family"
-BYTES_PLOT = "family_accuracy_vs_bytes.png"
-MATRIX_PLOT = "family_accuracy_matrix.png"
 
 
 def plot_names(experiment: str = "family") -> tuple[str, str]:
     """The two plots' file names in docs/ for an experiment's table (bytes, matrix)."""
-    if experiment == "family":
-        return BYTES_PLOT, MATRIX_PLOT
     return f"{experiment}_accuracy_vs_bytes.png", f"{experiment}_accuracy_matrix.png"
 
 

@@ -7,8 +7,9 @@ so a new architecture needs no per-model code. Configs: ``conf/backbone/*.yaml``
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -56,6 +57,17 @@ def _resolve_source(name: str, source: str) -> str:
     )
 
 
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """The global RNG seeded with ``seed`` inside, and as it was after (None: untouched)."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def build_backbone(
     name: str | None = None,
     *,
@@ -85,24 +97,19 @@ def build_backbone(
     run's seed: ``backbone.init_seed: ${seed}``); None draws from the global RNG.
     """
     wanted = None if checkpoint is not None else weights
-    if init_seed is not None and wanted is None and checkpoint is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(init_seed)
-            return build_backbone(
-                name, weights=None, cache_dir=cache_dir, source=source, classifier=classifier,
-                model=model, data_config=data_config, kwargs=kwargs,
-            )  # fmt: skip
-    if model is not None:
-        net, config = _from_callable(model), {}
-        name = name or type(net).__name__
-    elif name is None:
-        raise BackboneError("a backbone needs a name (backbone.name=...) or backbone.model")
-    elif name in NAMED:
-        cache = None if cache_dir is None else str(cache_dir)
-        net, config = NAMED[name](wanted, cache_dir=cache, **dict(kwargs or {}))
-    else:
-        _, build = SOURCES[_resolve_source(name, source)]
-        net, config = build(name, wanted, **dict(kwargs or {}))
+    random_init = wanted is None and checkpoint is None
+    with _seeded(init_seed if random_init else None):
+        if model is not None:
+            net, config = _from_callable(model), {}
+            name = name or type(net).__name__
+        elif name is None:
+            raise BackboneError("a backbone needs a name (backbone.name=...) or backbone.model")
+        elif name in NAMED:
+            cache = None if cache_dir is None else str(cache_dir)
+            net, config = NAMED[name](wanted, cache_dir=cache, **dict(kwargs or {}))
+        else:
+            _, build = SOURCES[_resolve_source(name, source)]
+            net, config = build(name, wanted, **dict(kwargs or {}))
     if checkpoint is not None:
         load_checkpoint(net, checkpoint)
     net, feature_dim = remove_classifier(net, classifier)
