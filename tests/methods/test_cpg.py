@@ -37,8 +37,8 @@ def _fit(module, data, root, accuracies):
     del module.method.validation_accuracy
 
 
-def test_options_are_checked_and_grow_is_refused():
-    with pytest.raises(ValueError, match="grow=true is not supported yet"):
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="fraction of each block's hidden width"):
         CPG(grow=True)
     with pytest.raises(ValueError, match="0.83, not 83"):
         CPG(reference=83)
@@ -50,13 +50,13 @@ def test_options_are_checked_and_grow_is_refused():
         method.check_tasks(["a", "b"])
 
 
-def test_grow_exits_2_before_training(make_cfg, capsys):
-    cfg = make_cfg("method=cpg", "method.grow=true")
+def test_growing_a_backbone_without_growable_blocks_exits_2_before_training(make_cfg, capsys):
+    cfg = make_cfg("method=cpg", "method.grow=0.25")
     with pytest.raises(SystemExit) as info:
         run(cfg)  # the Hydra job body of train.py
     assert info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert line.startswith("error: method: ") and "cpg grow=true is not supported yet" in line
+    assert "SmallCNN has no block whose hidden width can grow" in line, line
     assert not Path(cfg.paths.output_dir, "checkpoints").exists()
 
 

@@ -21,6 +21,8 @@ from piggyback.config.sweep import record_job_failure
 from piggyback.config.validate import ConfigError
 from piggyback.data.base import DataError
 from piggyback.formats import ArtifactError
+from piggyback.nn import MaskingError
+from piggyback.nn.widen import WideningError
 from piggyback.training.finite_loss import NonFiniteLoss
 from piggyback.utils.run_lock import RunLocked
 from piggyback.utils.write_errors import WriteError, exists_for_cli
@@ -36,6 +38,8 @@ USER_ERRORS = (
     WriteError,  # full disk, read-only or vanished output folder
     RunLocked,  # another run holds the output folder
     NonFiniteLoss,  # the training loss became nan/inf
+    MaskingError,  # a layer the method cannot act on (HAT's refusals), named
+    WideningError,  # a network that cannot grow as asked (CPG's growth), named
 )
 
 __all__ = [

@@ -23,15 +23,18 @@ from piggyback.formats.state import FINGERPRINT_SCHEME, fingerprint, legacy_fing
 from piggyback.nn.convert import masked_weights
 
 ARTIFACT_FORMAT = "piggyback-task"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """v2: masks named by parameter (``conv1.weight``), state fingerprint. v3: masks of reduced
 shape (``kernel``/``filter`` granularity, with the weight's shape in the metadata) and soft
-mask scales (``scale/<name>``). Files with only plain per-weight masks are still written as
-v2, so older releases keep reading them; v1 and v2 files load.
+mask scales (``scale/<name>``). v4: ``widened``, the hidden units added to the backbone's
+blocks before the task's weights apply (CPG's growth, ``piggyback.nn.widen``). Each file is
+written at the oldest version that holds it (plain per-weight masks: v2), so older releases
+keep reading what they can; v1 to v3 files load.
 
 The optional ``prototype`` tensor (task inference) was added within v2: files without it
 load (``prototype=None``) and readers that predate it ignore it."""
 PLAIN_VERSION = 2
+REDUCED_VERSION = 3
 
 
 @dataclass
@@ -43,6 +46,8 @@ class ArtifactParts:
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     extra_meta: dict[str, Any] = field(default_factory=dict)
+    #: hidden units added per block (``piggyback.nn.widen``) to the pretrained backbone
+    widened: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -68,6 +73,9 @@ class TaskArtifact:
     #: mean pretrained (unmasked) backbone feature of the task's training images, for
     #: nearest-mean task inference; None in artifacts written before it existed
     prototype: torch.Tensor | None = None
+    #: hidden units added per block to the pretrained backbone before this task's weights
+    #: apply (``piggyback.nn.widen``; CPG's growth); empty: the backbone as pretrained
+    widened: dict[str, int] = field(default_factory=dict)
 
     @property
     def num_masked_weights(self) -> int:
@@ -158,12 +166,16 @@ def artifact_from_model(
         config=config,
         metrics=dict(metrics or {}),
         prototype=None if prototype is None else prototype.detach().to("cpu", torch.float32),
+        widened=dict(parts.widened),
     )
 
 
 def artifact_version(artifact: TaskArtifact) -> int:
-    """The oldest format version that holds ``artifact`` (v3 only for reduced/soft masks)."""
-    return FORMAT_VERSION if any(m.reduced for m in artifact.masks.values()) else PLAIN_VERSION
+    """The oldest format version that holds ``artifact`` (v3 only for reduced/soft masks,
+    v4 only for a widened backbone)."""
+    if artifact.widened:
+        return FORMAT_VERSION
+    return REDUCED_VERSION if any(m.reduced for m in artifact.masks.values()) else PLAIN_VERSION
 
 
 def artifact_tensors(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
@@ -194,6 +206,7 @@ def artifact_meta(artifact: TaskArtifact) -> dict[str, Any]:
         "config": artifact.config,
         "metrics": artifact.metrics,
         "extra": artifact.extra_meta,
+        **({"widened": artifact.widened} if artifact.widened else {}),
     }
 
 
@@ -274,6 +287,7 @@ def artifact_from_parts(
         config=meta.get("config"),
         metrics=meta.get("metrics") or {},
         prototype=tensors.get("prototype"),
+        widened={str(k): int(v) for k, v in (meta.get("widened") or {}).items()},
     )
 
 

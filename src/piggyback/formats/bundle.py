@@ -25,9 +25,10 @@ from piggyback.formats.artifact import (
 from piggyback.formats.checked_file import read_checked_file, write_checked_file
 
 BUNDLE_FORMAT = "piggyback-bundle"
-BUNDLE_VERSION = 3
-"""v2: parameter-named masks, state fingerprint. v3: tasks with reduced-shape or soft masks
-(written only when a task has them, so plain bundles stay v2); v1 and v2 still load."""
+BUNDLE_VERSION = 4
+"""v2: parameter-named masks, state fingerprint. v3: tasks with reduced-shape or soft masks.
+v4: tasks on a widened backbone (CPG's growth). A bundle is written at the newest version
+one of its tasks needs (plain bundles stay v2); v1 to v3 still load."""
 
 
 def write_bundle(

@@ -18,8 +18,13 @@ Tasks are learned in order on one network whose weights are owned (see ``ownersh
    ownership, pick mask, head, BN) is restored: "the sparsest level whose accuracy still meets
    the goal" (``tools/choose_appropriate_pruning_ratio_for_next_task.py``, no loss allowed).
    The pruned weights are released (zero, ``FREE``) to later tasks.
-3. **Grows** when the goal cannot be met: not implemented (``grow=true`` is refused); a task
-   that misses its goal before pruning keeps all its weights (``cpg/pruned`` stays 0).
+3. **Grows** (``grow`` > 0) when the task misses its goal before any pruning, or finds no
+   free weight at its start: it claims ``grow`` x the hidden width of every block that can
+   grow (``piggyback.methods.growth``: units held in reserve from the start, so that earlier
+   tasks stay bit-identical; at most ``max_grows`` growths per sequence) and trains them in
+   the next round; a goal still missed with the reserve spent keeps all its weights.
+   Without growth (``grow=0``) a task that misses its goal keeps all its weights
+   (``cpg/pruned`` stays 0).
 
 The goal is ``goal × reference``: ``reference`` is the individually fine-tuned accuracy of
 each task (the paper's setting): the path of a ``method=finetune`` run's ``metrics.json`` on the
@@ -61,9 +66,11 @@ import torch
 
 from piggyback.formats import ArtifactParts, TaskArtifact, bn_state_dict, load_bn_state
 from piggyback.methods.base import TaskState
+from piggyback.methods.growth import GrowthReserve
 from piggyback.methods.hosts import TrainingHost
 from piggyback.methods.ownership import (
     FREE,
+    RESERVED,
     OwnedWeights,
     pack_codes,
     prune_smallest,
@@ -130,16 +137,24 @@ class CPG(OwnedWeights):
         max_prune: float = 0.95,
         compact_epochs: int = 2,
         round_epochs: int = 1,
-        grow: bool = False,
+        grow: float = 0.0,
+        max_grows: int = 2,
         **options: Any,
     ) -> None:
         options.setdefault("bn", "train")
         options.setdefault("weight_decay", 4e-5)
         super().__init__(**options)
-        if grow:
+        if isinstance(grow, bool):
             raise ValueError(
-                "cpg grow=true is not supported yet (the network is never widened); set "
-                "method.grow=false and, if a task misses its goal, lower method.goal"
+                "cpg grow is the fraction of each block's hidden width a growth adds (0.25), "
+                f"or 0 for none; got {grow}"
+            )
+        #: None: no growth; else the reserve this sequence's tasks claim from
+        self.growth = GrowthReserve(grow, max_grows) if grow else None
+        if self.growth is not None and not self.trains_bn:
+            raise ValueError(
+                "cpg grow needs method.bn=train: the new units' BatchNorm channels are "
+                "stored per task (frozen BN would keep the pretrained statistics only)"
             )
         if not goal > 0:
             raise ValueError(f"cpg goal must be > 0 (a fraction of the reference), got {goal}")
@@ -178,6 +193,16 @@ class CPG(OwnedWeights):
                 )
 
     # ------------------------------------------------------------ the backbone
+    def prepare_backbone(self, module: TrainingHost, mask_options: Mapping[str, Any]) -> None:
+        """With growth: widen by the whole reserve first (its units owned by nobody)."""
+        if self.growth is not None:
+            self.widened = self.growth.widen(module.backbone)
+            module.pretrained_bn = bn_state_dict(module.backbone)  # + identity channels
+        super().prepare_backbone(module, mask_options)
+        if self.growth is not None:
+            for name, entries in self.growth.reserve_entries(module.backbone).items():
+                self.owners[name][entries] = RESERVED
+
     def freeze(self, module: TrainingHost) -> None:
         super().freeze(module)
         for param in mask_parameters(module.backbone):
@@ -200,6 +225,9 @@ class CPG(OwnedWeights):
                 owners = self.owners[name].to(mask.mask_real.device)
                 mask.mask_real[owners == index] = OWN
                 mask.mask_real[owners > index] = 0.0  # FREE: nothing is free right now
+        grown = 0
+        if self.growth is not None and index > 1 and self.owned(index) == 0:
+            grown = int(self._grow(module, index, "no weight is free"))
         self.compaction = {
             "val_acc": {},  # epoch -> validation accuracy
             "rounds": 0,
@@ -211,6 +239,8 @@ class CPG(OwnedWeights):
             "snapshot": None,
             "initial_owned": {n: int((o == index).sum()) for n, o in self.owners.items()},
             "finished": False,
+            "slots": 0,  # round boundaries passed: a pruning round or a growth
+            "grown": grown,
         }
         super().start_task(module, task)
 
@@ -308,7 +338,7 @@ class CPG(OwnedWeights):
         first = self._first_round_epoch(module)
         rounds_total = self.rounds_total(module)
         due = 0 if epoch < first else min((epoch - first) // self.round_epochs + 1, rounds_total)
-        while state["rounds"] < due and not state["done"]:
+        while state["slots"] < due and not state["done"]:
             self._next_round(module, epoch)
         if state["done"] and state["rounds"]:
             trainer.should_stop = True
@@ -329,19 +359,27 @@ class CPG(OwnedWeights):
             return True
         state["done"] = True
         state["restore"] = state["snapshot"] is not None
-        if state["snapshot"] is None:
-            log.warning(
-                "cpg task %r: validation accuracy %s before pruning is below its goal %s; the "
-                "task keeps all its weights (growing the network is not supported)",
-                module.task,
-                acc,
-                state["goal_acc"],
-            )
         return False
 
     def _next_round(self, module: TrainingHost, epoch: int) -> None:
+        """A round boundary: prune further if the state just trained met the goal; grow (or
+        give up) if the task missed it before any pruning."""
         state = self.compaction
-        if not self._evaluate(module, state["val_acc"].get(epoch - 1)):
+        state["slots"] += 1
+        acc = state["val_acc"].get(epoch - 1)
+        if not self._evaluate(module, acc):
+            if state["snapshot"] is None:
+                why = f"validation accuracy {acc} is below its goal {state['goal_acc']}"
+                if self.growth is not None and self._grow(module, self._index(module.task), why):
+                    state["done"] = False  # train the new units, judge again next round
+                    state["grown"] += 1
+                else:
+                    log.warning(
+                        "cpg task %r: %s before pruning; the task keeps all its weights%s",
+                        module.task,
+                        why,
+                        "" if self.growth is None else " (the growth reserve is spent)",
+                    )
             return
         target = self.round_target(state["rounds"] + 1, self.rounds_total(module))
         if target <= state["sparsity"]:
@@ -351,6 +389,31 @@ class CPG(OwnedWeights):
         state["rounds"] += 1
         state["sparsity"] = target
         state["round_start"] = epoch
+
+    @torch.no_grad()
+    def _grow(self, module: TrainingHost, index: int, why: str) -> bool:
+        """Claim the next reserve units for task ``index``; False when the reserve is spent."""
+        assert self.growth is not None
+        if not self.growth.can_grow():
+            return False
+        entries = self.growth.claim(module.backbone, module.task)
+        masks = dict(masked_weights(module.backbone))
+        for name, claimed in entries.items():
+            take = claimed & (self.owners[name] == RESERVED)
+            self.owners[name][take] = index
+            masks[name].mask_real[take.to(masks[name].mask_real.device)] = OWN
+        if self.compaction:  # mid-task: pruning fractions count the claimed weights too
+            self.compaction["initial_owned"] = {
+                n: int((o == index).sum()) for n, o in self.owners.items()
+            }
+        log.info(
+            "cpg task %r grows (%s): +%g of each block's hidden width, widths now %s",
+            module.task,
+            why,
+            self.growth.fraction,
+            self.growth.widths(self.order),
+        )
+        return True
 
     @torch.no_grad()
     def _prune_to(self, module: TrainingHost, target: float) -> None:
@@ -382,6 +445,7 @@ class CPG(OwnedWeights):
             "pruned": 1.0 - self.owned(index) / initial if initial else 0.0,
             "goal_accuracy": state["goal_acc"],
             "history": state["history"],  # [pruned fraction, val acc] per evaluated state
+            "grown": state.get("grown", 0),  # growths this task claimed
         }
         state["finished"] = True
 
@@ -427,6 +491,7 @@ class CPG(OwnedWeights):
             "cpg/owned": self.owned(index) / total,
             "cpg/picked": picked / earlier if earlier else 0.0,
             "cpg/pruned": float(self.compaction.get("sparsity", 0.0)),
+            "cpg/grown": float(self.compaction.get("grown", 0)),
         }
 
     def checkpoint_state(self, module: TrainingHost) -> dict[str, Any]:
@@ -434,12 +499,15 @@ class CPG(OwnedWeights):
             **super().checkpoint_state(module),
             "results": self.results,
             "compaction": self.compaction,
+            "growth": None if self.growth is None else self.growth.state_dict(),
         }
 
     def load_checkpoint_state(self, module: TrainingHost, state: dict[str, Any]) -> None:
         super().load_checkpoint_state(module, state)
         self.results = dict(state["results"])
         self.compaction = state["compaction"]
+        if self.growth is not None and state.get("growth"):
+            self.growth.load_state_dict(state["growth"])
 
     # --------------------------------------------------------------- artifacts
     def export(self, module: TrainingHost, encoding: str) -> ArtifactParts:
@@ -450,6 +518,8 @@ class CPG(OwnedWeights):
             parts.extra[f"pick/{name}"] = packed
         self.export_ownership(module, parts, index)
         parts.extra_meta["compaction"] = self.results.get(module.task, {})
+        if self.growth is not None:  # the hidden widths this task computes with
+            parts.extra_meta["widths"] = self.growth.widths(self.order[:index])
         return parts
 
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from piggyback.formats import ArtifactParts, TaskArtifact
+from piggyback.formats import ArtifactError, ArtifactParts, TaskArtifact
 from piggyback.methods.base import BN_TYPES, Method
 from piggyback.methods.hosts import (
     InferenceHost,
@@ -28,9 +28,13 @@ from piggyback.methods.hosts import (
     untouched_backbone_error,
 )
 from piggyback.nn import mask_model, masked_weights
+from piggyback.nn.widen import widen
 
 FREE = 255
 """Owner code of a pruned weight that no task owns (yet)."""
+RESERVED = 254
+"""Owner code of a weight of a hidden unit added for growth that no task has claimed yet
+(CPG's growth reserve): read as zero by every task, never trained, never freed."""
 
 
 def owner_bits(num_tasks: int) -> int:
@@ -108,6 +112,8 @@ class OwnedWeights(Method):
         self.weight_decay = float(weight_decay)
         self.owners: dict[str, torch.Tensor] = {}
         self.order: list[str] = []  # task names; task i+1 of the sequence is order[i]
+        #: hidden units added per block before masking (``piggyback.nn.widen``; CPG grows)
+        self.widened: dict[str, int] = {}
 
     # ------------------------------------------------------------ the backbone
     def prepare_backbone(self, module: TrainingHost, mask_options: Mapping[str, Any]) -> None:
@@ -216,6 +222,7 @@ class OwnedWeights(Method):
             "owner_bits": bits,
             "shapes": shapes,
         }
+        parts.widened = dict(self.widened)
 
     @staticmethod
     def owners_of(artifact: TaskArtifact) -> dict[str, torch.Tensor]:
@@ -251,9 +258,17 @@ class OwnedWeights(Method):
     def attach(cls, model: InferenceHost, artifact: TaskArtifact) -> None:
         """Add task ``t``'s weights to the model's one shared network (tasks in order)."""
         state = sequence_state(model, cls.name, cls.__name__, artifact)
+        widened = state.setdefault("widened", artifact.widened)
+        if widened != artifact.widened:
+            raise ArtifactError(
+                f"{cls.__name__} task {artifact.task!r} was learned on a backbone widened by "
+                f"{artifact.widened}, this model's tasks on one widened by {widened}: they "
+                "are not from the same sequence"
+            )
         owners = cls.owners_of(artifact)
         if cls.name not in model.method_networks:
             net = model.separate_network(None)
+            widen(net, artifact.widened)  # the units a growing method added, all tasks' width
             mask_model(net, target=list(owners))
             net.requires_grad_(False)
             model.method_networks[cls.name] = net
