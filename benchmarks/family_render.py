@@ -128,8 +128,16 @@ def provenance(results: dict[str, Any]) -> str:
     commits = [c[:10] for c in _distinct(runs, "commit")]
     dirty = any(r.get("dirty") for r in runs)
     grids = {m: e["grid_val"] for m, e in results["methods"].items()}
-    points = [label.split(", ", 1) for g in grids.values() for label in g]
-    scales = sorted({p[0] for p in points}, key=float)
+    per_method = {
+        m: tuple(sorted({label.split(", ", 1)[0] for label in g}, key=float))
+        for m, g in grids.items()
+    }
+    counts = list(per_method.values())
+    common = max(sorted(set(counts)), key=counts.count, default=())  # ties: the first sorted
+    scales = list(common)
+    others = [f"{m}: {', '.join(v)}" for m, v in per_method.items() if v != common]
+    if others:
+        scales[-1] += f" ({'; '.join(others)})"
     variants = [
         f"{m} {', '.join(sorted({p.split(', ', 1)[1] for p in g if ', ' in p}))}"
         for m, g in grids.items()

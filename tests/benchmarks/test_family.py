@@ -174,7 +174,7 @@ def test_gather_chooses_on_validation_and_renders_mean_and_std(family, runs, pag
     assert rows["piggyback"] == ["73.3 ± 15.3", "50.0 ± 10.0 †", "80.0 ± 0.0", "15", "5.0"]
     date = results["methods"]["piggyback"]["runs"][0]["date"][:10]
     assert f"Runs: 5, {date}, on " in docs  # the chosen scale's runs, when and where
-    assert "grid `method.lr_scale` 1, 3, 10" in docs
+    assert "grid `method.lr_scale` 1, 10 (finetune: 1, 3)" in docs  # per method where it differs
     assert "family_accuracy_vs_bytes.png" in docs and "family_accuracy_matrix.png" in docs
     for name in ("family_accuracy_vs_bytes.png", "family_accuracy_matrix.png"):
         png = tmp_path / "docs" / name
