@@ -227,7 +227,7 @@ class CPG(OwnedWeights):
                 mask.mask_real[owners > index] = 0.0  # FREE: nothing is free right now
         grown = 0
         if self.growth is not None and index > 1 and self.owned(index) == 0:
-            grown = int(self._grow(module, index, "no weight is free"))
+            grown = int(self._grow(module, task, "no weight is free"))
         self.compaction = {
             "val_acc": {},  # epoch -> validation accuracy
             "rounds": 0,
@@ -370,7 +370,7 @@ class CPG(OwnedWeights):
         if not self._evaluate(module, acc):
             if state["snapshot"] is None:
                 why = f"validation accuracy {acc} is below its goal {state['goal_acc']}"
-                if self.growth is not None and self._grow(module, self._index(module.task), why):
+                if self.growth is not None and self._grow(module, module.task, why):
                     state["done"] = False  # train the new units, judge again next round
                     state["grown"] += 1
                 else:
@@ -391,12 +391,13 @@ class CPG(OwnedWeights):
         state["round_start"] = epoch
 
     @torch.no_grad()
-    def _grow(self, module: TrainingHost, index: int, why: str) -> bool:
-        """Claim the next reserve units for task ``index``; False when the reserve is spent."""
+    def _grow(self, module: TrainingHost, task: str, why: str) -> bool:
+        """Claim the next reserve units for ``task``; False when the reserve is spent."""
         assert self.growth is not None
         if not self.growth.can_grow():
             return False
-        entries = self.growth.claim(module.backbone, module.task)
+        index = self._index(task)
+        entries = self.growth.claim(module.backbone, task)
         masks = dict(masked_weights(module.backbone))
         for name, claimed in entries.items():
             take = claimed & (self.owners[name] == RESERVED)
@@ -408,7 +409,7 @@ class CPG(OwnedWeights):
             }
         log.info(
             "cpg task %r grows (%s): +%g of each block's hidden width, widths now %s",
-            module.task,
+            task,
             why,
             self.growth.fraction,
             self.growth.widths(self.order),
