@@ -165,3 +165,13 @@ def test_a_checkpoint_restores_the_widened_network_and_its_claims(grown, tmp_pat
     module.set_task("digits_mod3")
     restored.set_task("digits_mod3")
     assert torch.equal(logits_on_test_split(restored, data_b), logits_on_test_split(module, data_b))
+
+
+def test_a_first_task_that_owns_the_pretrained_network_never_grows(tmp_path):
+    """It is the fine-tuned network its goal comes from: a miss is noise, not capacity."""
+    torch.manual_seed(0)
+    spec = {**SPEC, "reference": 0.99}
+    module = PiggybackModule(backbone=BACKBONE, task="digits_rotated", num_classes=10, method=spec)
+    _fit(module, DigitsDataModule("rotated", batch_size=32), tmp_path, [0.5])
+    assert module.method.growth.claims == []
+    assert module.method.results["digits_rotated"]["grown"] == 0

@@ -22,7 +22,8 @@ Tasks are learned in order on one network whose weights are owned (see ``ownersh
    free weight at its start: it claims ``grow`` x the hidden width of every block that can
    grow (``piggyback.methods.growth``: units held in reserve from the start, so that earlier
    tasks stay bit-identical; at most ``max_grows`` growths per sequence) and trains them in
-   the next round; a goal still missed with the reserve spent keeps all its weights.
+   the next round; a goal still missed with the reserve spent keeps all its weights. A first
+   task that owns the whole pretrained network never grows: it is the fine-tuned network.
    Without growth (``grow=0``) a task that misses its goal keeps all its weights
    (``cpg/pruned`` stays 0).
 
@@ -370,7 +371,7 @@ class CPG(OwnedWeights):
         if not self._evaluate(module, acc):
             if state["snapshot"] is None:
                 why = f"validation accuracy {acc} is below its goal {state['goal_acc']}"
-                if self.growth is not None and self._grow(module, module.task, why):
+                if self._may_grow(module) and self._grow(module, module.task, why):
                     state["done"] = False  # train the new units, judge again next round
                     state["grown"] += 1
                 else:
@@ -378,7 +379,7 @@ class CPG(OwnedWeights):
                         "cpg task %r: %s before pruning; the task keeps all its weights%s",
                         module.task,
                         why,
-                        "" if self.growth is None else " (the growth reserve is spent)",
+                        " (the growth reserve is spent)" if self._may_grow(module) else "",
                     )
             return
         target = self.round_target(state["rounds"] + 1, self.rounds_total(module))
@@ -389,6 +390,13 @@ class CPG(OwnedWeights):
         state["rounds"] += 1
         state["sparsity"] = target
         state["round_start"] = epoch
+
+    def _may_grow(self, module: TrainingHost) -> bool:
+        """Growth is on, and the task is not a first task that owns the whole pretrained
+        network: that one *is* the fine-tuned network its goal comes from, so missing the
+        goal is noise that more units would not fix (and would spend the reserve on)."""
+        first = self._index(module.task) == 1 and self.first_task_trains_pretrained
+        return self.growth is not None and not first
 
     @torch.no_grad()
     def _grow(self, module: TrainingHost, task: str, why: str) -> bool:
