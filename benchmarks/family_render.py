@@ -64,6 +64,17 @@ def _collapsed(row: dict[str, Any]) -> str:
     return f"{len(row['collapsed'])}: " + ", ".join(f"{t} s{s}" for s, t in row["collapsed"])
 
 
+def _grid_edge(grid: dict[str, float], row: dict[str, Any]) -> str:
+    """`` ↑`` (`` ↓``) when the chosen lr scale is the largest (smallest) of several tried:
+    the best may lie beyond the grid."""
+    scales = {float(label.split(", ", 1)[0]) for label in grid}
+    if len(scales) < 2:
+        return ""
+    if row["lr_scale"] == max(scales):
+        return " ↑"
+    return " ↓" if row["lr_scale"] == min(scales) else ""
+
+
 def headline_table(results: dict[str, Any]) -> str:
     """The headline table: accuracy over the domains, the near-ImageNet task(s), S, bytes,
     BWT, weights masked off, collapsed tasks (markdown, no caption)."""
@@ -74,6 +85,7 @@ def headline_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ordered_stats(results):
         point = setting_label(row["lr_scale"], row.get("variant") or "")
+        point += _grid_edge(results["methods"][row["method"]].get("grid_val") or {}, row)
         cells = [row["method"], point, str(len(row["seeds"]))]
         cells += [pm(*row["mean"]), *(pm(*row["per_task"][t]) for t in near)]
         cells += [pm(*row["score"], scale=1.0, fmt=".0f"), format_bytes(row["task_bytes"])]
@@ -166,7 +178,8 @@ def caption(results: dict[str, Any]) -> str:
         "BWT: backward transfer (points). Masked off: weights a task's mask switches off, "
         "mean over tasks (- for methods without masks). Collapsed: tasks that ended with their "
         "training loss at chance (the collapse warning for their last epoch), as task and "
-        "seed (- where it was not checked)."
+        "seed (- where it was not checked). lr × ↑ (↓): the chosen scale is the largest "
+        "(smallest) of the method's grid, so a better one may lie beyond it."
     )
 
 

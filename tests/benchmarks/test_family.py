@@ -158,14 +158,15 @@ def test_gather_chooses_on_validation_and_renders_mean_and_std(family, runs, pag
     s0 = _score(0.8, 0.7) + _score(0.6, 0.5)
     s1 = _score(0.6, 0.7) + _score(0.4, 0.5)
     assert (round(s0, 1), round(s1, 1)) == (804.4, 271.1)
+    # "1 ↓": 1 is the smallest scale of finetune's grid (1, 3), the best may lie below it
     assert table["finetune"] == [
-        "1", "2", "60.0 ± 14.1", "80.0 ± 14.1", "538 ± 377", "13.73 MB", "+0.0 ± 0.0", "-", "0",
+        "1 ↓", "2", "60.0 ± 14.1", "80.0 ± 14.1", "538 ± 377", "13.73 MB", "+0.0 ± 0.0", "-", "0",
     ]  # fmt: skip
     # piggyback: domain means 0.6, 0.75, 0.5 -> 61.7 ± 12.6
     scores = [_score(a, 0.7) + _score(b, 0.5) for a, b in ((0.7, 0.5), (0.9, 0.6), (0.6, 0.4))]
     assert [round(s) for s in scores] == [500, 1054, 271]  # mean 608.5, std 402.8
     assert table["piggyback"] == [
-        "1", "3", "61.7 ± 12.6", "80.0 ± 0.0", "609 ± 403", "0.50 MB", "+0.0 ± 0.0",
+        "1 ↓", "3", "61.7 ± 12.6", "80.0 ± 0.0", "609 ± 403", "0.50 MB", "+0.0 ± 0.0",
         "0.40 %", "1: tiles s1",
     ]  # fmt: skip
 
@@ -279,7 +280,7 @@ def test_a_variant_is_tried_at_the_chosen_scale_and_chosen_on_validation(family,
     assert entry["grid_val"] == pytest.approx({"1": 0.5, "10": 0.6, "10, prune=0.5": 0.8})
     assert [r["seed"] for r in entry["runs"]] == [0, 1]
     table = markdown_rows(family.family_render.headline_table(results))
-    assert table["packnet"][0] == "10, prune=0.5"
+    assert table["packnet"][0] == "10, prune=0.5 ↑"  # 10: the top of the lr grid
     assert "beyond the lr (at the chosen scale): packnet prune=0.5" in (
         family.family_render.provenance(results)
     )
