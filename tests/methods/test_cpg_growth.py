@@ -8,7 +8,7 @@ import torch
 
 from piggyback.backbones import build_backbone
 from piggyback.data.digits import DigitsDataModule
-from piggyback.formats import load_artifact, save_artifact
+from piggyback.formats import load_artifact, read_bundle, save_artifact
 from piggyback.methods import CPG
 from piggyback.methods.ownership import FREE, RESERVED
 from piggyback.models.module import PiggybackModule
@@ -136,6 +136,8 @@ def test_artifacts_record_widths_and_rebuild_the_widened_network(grown, tmp_path
     assert load_artifact(paths[1]).widened == growth.reserve
     model = MultiTaskModel.from_artifacts(paths, build_backbone(**BACKBONE).model)
     assert_bit_exact(module, [model], data_a, data_b, logits_a)
+    _, _, bundled = read_bundle(model.save(tmp_path / "both.bundle"))  # a v4 bundle
+    assert [a.widened for a in bundled] == [growth.reserve] * 2
 
 
 def test_a_task_with_no_free_weight_grows_at_its_start(tmp_path):
