@@ -315,7 +315,7 @@ def test_a_failed_run_is_reported_and_the_others_go_on(family, tmp_path):
 def test_the_protocol_is_read_from_the_experiment(family):
     methods, scales, seeds = family.sweep_params()
     assert methods[0] == "finetune" and "piggyback" in methods and "cpg" in methods
-    assert scales == ["1", "10"] and seeds == ["0", "1", "2"]
+    assert scales == ["1", "10", "30"] and seeds == ["0", "1", "2"]
     registered = {p.stem for p in (REPO / "conf" / "method").glob("*.yaml")}
     assert set(methods) == registered - {"piggyback_lean"}  # a memory variant of piggyback
 
