@@ -123,7 +123,7 @@ def test_earlier_tasks_stay_bit_identical_and_the_reserve_is_zero_for_them(grown
 
 def test_artifacts_record_widths_and_rebuild_the_widened_network(grown, tmp_path, assert_bit_exact):
     module, data_a, data_b, logits_a, _, artifact_a, _ = grown
-    artifact_b = module.export_task("digits_mod3")
+    artifact_b = module.export_task("digits_mod3", config={"backbone": BACKBONE})
     growth = module.method.growth
     assert artifact_a.extra_meta["widths"] == growth.base
     assert artifact_b.extra_meta["widths"] == {
@@ -135,9 +135,10 @@ def test_artifacts_record_widths_and_rebuild_the_widened_network(grown, tmp_path
         paths.append(save_artifact(artifact, tmp_path / f"{artifact.task}.safetensors"))
     assert load_artifact(paths[1]).widened == growth.reserve
     model = MultiTaskModel.from_artifacts(paths, build_backbone(**BACKBONE).model)
-    assert_bit_exact(module, [model], data_a, data_b, logits_a)
-    _, _, bundled = read_bundle(model.save(tmp_path / "both.bundle"))  # a v4 bundle
-    assert [a.widened for a in bundled] == [growth.reserve] * 2
+    bundle = model.save(tmp_path / "both.bundle")
+    assert [a.widened for a in read_bundle(bundle)[2]] == [growth.reserve] * 2  # v4
+    # the bundle rebuilds the backbone as the run built it (in_chans=1, from B's config)
+    assert_bit_exact(module, [model, MultiTaskModel.load(bundle)], data_a, data_b, logits_a)
 
 
 def test_a_task_with_no_free_weight_grows_at_its_start(tmp_path):

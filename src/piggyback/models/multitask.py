@@ -373,12 +373,25 @@ def save_bundle(model: MultiTaskModel, path: str | os.PathLike, *, overwrite: bo
     )
 
 
+def _build_options(meta: Mapping[str, Any], artifacts: list[TaskArtifact]) -> dict[str, Any]:
+    """How the tasks' runs built the backbone beyond its name (source, builder kwargs such as
+    a timm model's ``in_chans`` or a ViT's ``img_size``, a ``_target_`` model), from the run
+    config the artifacts carry; the weights themselves come from the bundle."""
+    for artifact in artifacts:
+        built = (artifact.config or {}).get("backbone")
+        if isinstance(built, Mapping) and built.get("name") == meta["backbone"]:
+            keys = ("source", "classifier", "model", "kwargs")
+            return {k: built[k] for k in keys if built.get(k) is not None}
+    return {}
+
+
 def load_bundle(
     path: str | os.PathLike, *, map_location: str | torch.device = "cpu"
 ) -> MultiTaskModel:
     """Rebuild the multi-task model from a bundle; no download, no pickle."""
     meta, state, artifacts = read_bundle(path)
-    backbone = build_backbone(meta["backbone"], weights=None).model
+    backbone = build_backbone(meta["backbone"], weights=None, **_build_options(meta, artifacts))
+    backbone = backbone.model
     try:
         backbone.load_state_dict(state)
     except RuntimeError as exc:
