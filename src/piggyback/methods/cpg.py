@@ -238,7 +238,7 @@ class CPG(OwnedWeights):
             "goal_acc": None,
             "history": [],  # [sparsity, val acc] of every evaluated state
             "snapshot": None,
-            "initial_owned": {n: int((o == index).sum()) for n, o in self.owners.items()},
+            "initial_owned": self._owned_per_layer(index),
             "finished": False,
             "slots": 0,  # round boundaries passed: a pruning round or a growth
             "grown": grown,
@@ -371,7 +371,8 @@ class CPG(OwnedWeights):
         if not self._evaluate(module, acc):
             if state["snapshot"] is None:
                 why = f"validation accuracy {acc} is below its goal {state['goal_acc']}"
-                if self._may_grow(module) and self._grow(module, module.task, why):
+                may_grow = self._may_grow(module)
+                if may_grow and self._grow(module, module.task, why):
                     state["done"] = False  # train the new units, judge again next round
                     state["grown"] += 1
                 else:
@@ -379,7 +380,7 @@ class CPG(OwnedWeights):
                         "cpg task %r: %s before pruning; the task keeps all its weights%s",
                         module.task,
                         why,
-                        " (the growth reserve is spent)" if self._may_grow(module) else "",
+                        " (the growth reserve is spent)" if may_grow else "",
                     )
             return
         target = self.round_target(state["rounds"] + 1, self.rounds_total(module))
@@ -390,6 +391,9 @@ class CPG(OwnedWeights):
         state["rounds"] += 1
         state["sparsity"] = target
         state["round_start"] = epoch
+
+    def _owned_per_layer(self, index: int) -> dict[str, int]:
+        return {name: int((owners == index).sum()) for name, owners in self.owners.items()}
 
     def _may_grow(self, module: TrainingHost) -> bool:
         """Growth is on, and the task is not a first task that owns the whole pretrained
@@ -412,9 +416,7 @@ class CPG(OwnedWeights):
             self.owners[name][take] = index
             masks[name].mask_real[take.to(masks[name].mask_real.device)] = OWN
         if self.compaction:  # mid-task: pruning fractions count the claimed weights too
-            self.compaction["initial_owned"] = {
-                n: int((o == index).sum()) for n, o in self.owners.items()
-            }
+            self.compaction["initial_owned"] = self._owned_per_layer(index)
         log.info(
             "cpg task %r grows (%s): +%g of each block's hidden width, widths now %s",
             task,

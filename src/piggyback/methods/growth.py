@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from piggyback.nn import masked_weights
-from piggyback.nn.widen import HiddenWidth, WideningError, hidden_widths, unit_entries, widen
+from piggyback.nn.widen import WideningError, hidden_widths, unit_entries, widen
 
 
 class GrowthReserve:
@@ -70,24 +70,31 @@ class GrowthReserve:
         widen(backbone, self.reserve)
         return self.reserve
 
-    def _hidden(self, backbone: nn.Module) -> dict[str, HiddenWidth]:
-        return {b: h for b, h in hidden_widths(backbone).items() if b in self.base}
-
-    def reserve_entries(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
-        """Per masked weight: the entries of every reserve unit. A growing layer without a
-        mask is refused: its reserve units would be read by every task."""
-        masked = {name for name, _ in masked_weights(backbone)}
+    def _entries(
+        self, backbone: nn.Module, first: int, count: int, masked: set[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per weight of every growing block: the entries of its reserve units ``first`` to
+        ``first + count - 1`` (in units of each block's growth). With ``masked``, a weight
+        not in it is refused: its reserve units would be read by every task."""
         out: dict[str, torch.Tensor] = {}
-        for block, hidden in self._hidden(backbone).items():
-            stop = self.base[block] + self.reserve[block]
-            for name, entries in unit_entries(backbone, hidden, self.base[block], stop).items():
-                if name not in masked:
+        for block, hidden in hidden_widths(backbone).items():
+            if block not in self.base:
+                continue
+            start = self.base[block] + first * self.units[block]
+            stop = start + count * self.units[block]
+            for name, entries in unit_entries(backbone, hidden, start, stop).items():
+                if masked is not None and name not in masked:
                     raise WideningError(
                         f"cpg grow: {name} grows with block {block!r} but has no mask (see "
                         "mask.exclude / mask.target); every layer of a growing block is masked"
                     )
-                out[name] = out[name] | entries if name in out else entries
+                out[name] = entries
         return out
+
+    def reserve_entries(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
+        """Per masked weight: the entries of every reserve unit."""
+        masked = {name for name, _ in masked_weights(backbone)}
+        return self._entries(backbone, 0, self.max_grows, masked)
 
     def can_grow(self) -> bool:
         return len(self.claims) < self.max_grows
@@ -96,14 +103,7 @@ class GrowthReserve:
         """The next ``units`` of every block for ``task``: per masked weight, its entries."""
         if not self.can_grow():
             raise ValueError("the growth reserve is spent")
-        done = len(self.claims)
-        out: dict[str, torch.Tensor] = {}
-        for block, hidden in self._hidden(backbone).items():
-            start = self.base[block] + done * self.units[block]
-            for name, entries in unit_entries(
-                backbone, hidden, start, start + self.units[block]
-            ).items():
-                out[name] = out[name] | entries if name in out else entries
+        out = self._entries(backbone, len(self.claims), 1)
         self.claims.append(task)
         return out
 
