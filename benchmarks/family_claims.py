@@ -26,6 +26,7 @@ CLAIMS = (
     Claim("piggyback", "packnet", "Mallya et al. 2018: Piggyback ≥ PackNet (5 of 6 tasks)"),
     Claim("cpg", "packnet", "Hung et al. 2019: CPG ≥ PackNet"),
     Claim("wsn", "packnet", "Kang et al. 2022: WSN ≥ PackNet"),
+    Claim("piggyback_bn", "piggyback", "Mallya et al. 2018: task-specific BN helps far domains"),
     Claim("ksm", "piggyback", "Yang et al. 2021: KSM ≥ Piggyback"),
     Claim("hat", "finetune_sequential", "Serra et al. 2018: HAT > sequential fine-tuning"),
 )

@@ -123,7 +123,7 @@ class CollapseMonitor(L.Callback):
                 classes = classes or len(self._labels)
                 rank_zero_warn(
                     f"training loss {loss:.3f} after epoch {trainer.current_epoch} is no better "
-                    f"than a prediction that ignores the image ({chance:.3f}; ln({classes}) = "
+                    f"than a prediction that ignores the input ({chance:.3f}; ln({classes}) = "
                     f"{math.log(classes):.3f}): the network has collapsed to a constant output "
                     "or diverged. Lower method.lr_scale or method.lr.masks (the masks' lr sets "
                     "how soon they flip), or let the head learn first with method.warmup_epochs "
