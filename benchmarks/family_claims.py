@@ -32,6 +32,36 @@ CLAIMS = (
 )
 
 
+ZHAO = (
+    Claim(
+        "piggyback",
+        "classifier_only",
+        "Zhao et al. 2020: masks on a frozen BERT > its classifier only",
+    ),
+    Claim(
+        "finetune",
+        "piggyback",
+        "Zhao et al. 2020: masks on par with (a little below) fine-tuning",
+    ),
+)
+TEXT_CLAIMS = ZHAO + tuple(
+    c
+    for c in CLAIMS
+    if "piggyback_bn" not in (c.above, c.below)
+    and (c.above, c.below) not in {(z.above, z.below) for z in ZHAO}
+)
+"""The text protocol's claims: Zhao et al.'s (GLUE-style tasks on BERT/RoBERTa, no public
+code: PAPER.md), then the family's orderings that apply to a transformer (no BatchNorm, so
+no task-BN claim)."""
+
+BY_EXPERIMENT = {"text_family": TEXT_CLAIMS}
+
+
+def claims_for(experiment: str) -> tuple[Claim, ...]:
+    """The claims a protocol's results are checked against (the image family's by default)."""
+    return BY_EXPERIMENT.get(experiment, CLAIMS)
+
+
 def domain_mean(run: dict[str, Any], domains: list[str]) -> float:
     """A run's mean final test accuracy over the domains (fraction)."""
     return statistics.fmean(run["test_final"][t] for t in domains)
@@ -59,12 +89,12 @@ def check(results: dict[str, Any], claim: Claim) -> dict[str, Any]:
     return {"diffs": diffs, "verdict": verdict}
 
 
-def claims_table(results: dict[str, Any]) -> str:
+def claims_table(results: dict[str, Any], claims: tuple[Claim, ...] = CLAIMS) -> str:
     """Markdown: claim, difference (points, mean ± std over the shared seeds), seeds that
     agree, verdict."""
     head = ["claim (paper)", "a − b (points)", "seeds a > b", "verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for claim in CLAIMS:
+    for claim in claims:
         found = check(results, claim)
         diffs = found["diffs"]
         if diffs:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from family_claims import claims_table
+from family_claims import claims_for, claims_table
 from family_data import method_stats, setting_label
 
 from piggyback.utils.atomic import atomic_write_stream
@@ -210,7 +210,7 @@ def docs_block(results: dict[str, Any], experiment: str = "family") -> str:
             "The papers' orderings, checked seed by seed (a − b: difference of the mean over "
             "the domains, paired by seed; holds: every shared seed agrees, at least two; "
             "reversed: every seed says the opposite; `benchmarks/family_claims.py`):",
-            claims_table(results),
+            claims_table(results, claims_for(experiment)),
         ]
     )
 

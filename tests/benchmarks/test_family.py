@@ -390,6 +390,10 @@ def test_another_experiment_runs_into_its_own_folders_and_block(
     monkeypatch.setattr(family, "DOCS", docs)
     assert family.render(out, plots=True, experiment="text_family") == [docs]
     assert "text_family_accuracy_vs_bytes.png" in docs.read_text()
+    # its own claims: Zhao et al.'s first, no task-BN claim on a network without BatchNorm
+    claims = [r for r in markdown_rows(docs.read_text()) if r.startswith(("Zhao", "Mallya"))]
+    assert claims[0].startswith("Zhao et al. 2020: masks on a frozen BERT > its classifier only")
+    assert not any("piggyback_bn" in r or "classifier_only`" in r for r in claims[2:])
     assert (tmp_path / "text_family_accuracy_matrix.png").is_file()
     with pytest.raises(SystemExit) as stop:
         family.main(["--experiment", "nope", "render"])
