@@ -5,10 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -85,19 +83,8 @@ def test_probe_separates_separable_features_and_compare_reports_every_variant(bn
     assert all(0.0 <= v <= 100.0 for v in out.values())
 
 
-def write_tree(root: Path, classes: int) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("test", 2)):
-        for c in range(classes):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, size=(20, 20, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.jpg")
-
-
-def test_command_prints_a_row_per_task(bn_statistics, tmp_path, capsys):
-    write_tree(tmp_path / "imgs", 3)
+def test_command_prints_a_row_per_task(bn_statistics, image_tree, tmp_path, capsys):
+    image_tree(tmp_path / "imgs", 3)
     assert (
         bn_statistics.main(
             [

@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from piggyback.models.testing import markdown_rows, paper_table_header
 from piggyback.scores.decathlon import scores_against_reference
@@ -30,18 +28,6 @@ FAST = (
 )
 
 
-def write_tree(root: Path, classes: int, seed: int) -> None:
-    """``root/{train,test}/<class>/*.jpg``: 5 train (one held out for val), 2 test per class."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", 5), ("test", 2)):
-        for c in range(classes):
-            folder = root / split / f"class_{c:02d}"
-            folder.mkdir(parents=True)
-            for i in range(n):
-                pixels = rng.integers(0, 256, size=(20, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i:04d}.jpg")
-
-
 @pytest.fixture
 def benchmarks(monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -51,12 +37,14 @@ def benchmarks(monkeypatch):
     return compare_table, domains_table
 
 
-def test_quick_sweep_prints_the_domains_table(benchmarks, tmp_path, capsys, monkeypatch):
+def test_quick_sweep_prints_the_domains_table(
+    benchmarks, image_tree, tmp_path, capsys, monkeypatch
+):
     compare_table, domains_table = benchmarks
     data = tmp_path / "data"
     for seed, (name, classes) in enumerate(KEPT.items()):
-        write_tree(data / "domains" / name, classes, seed)
-    write_tree(data / "cifar10_small", 10, 99)
+        image_tree(data / "domains" / name, classes, seed)
+    image_tree(data / "cifar10_small", 10, 99)
     monkeypatch.chdir(tmp_path)  # nothing may be written outside --out
     out = tmp_path / "sweep"
     domains_table.main(
