@@ -168,10 +168,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(0)
     with initialize_config_dir(str(REPO / "conf"), version_base=None):
         cfg = compose("train", overrides=list(args.overrides))
+    tasks = task_configs(cfg.data)
+    unknown = sorted(set(args.tasks or ()) - {t.task_name for t in tasks})
+    if unknown:
+        known = ", ".join(t.task_name for t in tasks)
+        parser.exit(
+            2, f"error: no task {', '.join(unknown)} in this experiment; its tasks: {known}\n"
+        )
     backbone = build_backbone(**to_dict(cfg.backbone))
     print(f"| task | {' | '.join(VARIANTS)} | channels with variance < 1/4 pretrained |")
     print("|---" * (len(VARIANTS) + 2) + "|")
-    for task_cfg in task_configs(cfg.data):
+    for task_cfg in tasks:
         if args.tasks and task_cfg.task_name not in args.tasks:
             continue
         dm = build(task_cfg, num_workers=0)

@@ -104,3 +104,11 @@ def test_command_prints_a_row_per_task(bn_statistics, image_tree, tmp_path, caps
     table = markdown_rows(capsys.readouterr().out)
     assert list(table) == ["task", "toy"]
     assert len(table["toy"]) == len(bn_statistics.VARIANTS) + 1
+
+
+def test_an_unknown_task_is_refused_before_any_work(bn_statistics, capsys):
+    with pytest.raises(SystemExit) as stop:
+        bn_statistics.main(["--tasks", "nope", "--", "data=digits/mirrored"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "no task nope in this experiment; its tasks: " in err and err.count("\n") == 1
