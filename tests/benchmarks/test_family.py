@@ -291,7 +291,7 @@ def test_a_variant_is_tried_at_the_chosen_scale_and_chosen_on_validation(family,
 
 def test_the_variants_are_read_from_the_experiment(family):
     variants = family.grid_variants()
-    assert variants["packnet"] == ["method.prune=0.5"]
+    assert variants["packnet"] == ["method.prune=0.5", "method.prune=0.25"]
     assert (
         variants["piggyback"]
         == variants["ksm"]
