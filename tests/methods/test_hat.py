@@ -16,12 +16,12 @@ from torchvision.models.convnext import CNBlockConfig
 from piggyback.data.digits import DigitsDataModule
 from piggyback.formats import load_artifact
 from piggyback.methods import HAT, build_method, method_class
-from piggyback.methods.hat import attenuation, hard_gate, unit_view
 from piggyback.methods.ownership import FREE
 from piggyback.models.module import PiggybackModule
 from piggyback.models.multitask import load_bundle, save_bundle
 from piggyback.models.testing import demo_module, logits_on_test_split, quick_trainer
 from piggyback.nn import MaskingError
+from piggyback.nn.unit_gates import hard_gate, unit_view
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = {"_target_": "piggyback.methods.HAT", "name": "hat", "bn": "train"}
@@ -47,23 +47,6 @@ def test_uniform_embedding_init_starts_with_every_gate_open(demo_cache):
     for gate in module.method.gates.values():
         e = gate.embedding.detach()
         assert ((e >= 0) & (e <= 2)).all() and bool(hard_gate(e).all())
-
-
-def test_attenuation_is_one_minus_the_earlier_gate_of_the_unit():
-    """The reference's ``1 - min(a_in, a_out)`` with every input open (``a_in = 1``)."""
-    used = torch.tensor([0.0, 1.0, 0.25])  # the largest gate earlier tasks put on 3 units
-    rows = attenuation(used, "rows", (3, 2, 1, 1))
-    assert torch.equal(
-        rows.expand(3, 2, 1, 1)[:, :, 0, 0], torch.tensor([[1.0, 1], [0, 0], [0.75, 0.75]])
-    )
-    cols = attenuation(used, "cols", (4, 3, 1))  # a transposed conv: output channels on dim 1
-    assert torch.equal(cols.expand(4, 3, 1)[0, :, 0], torch.tensor([1.0, 0.0, 0.75]))
-    assert torch.equal(attenuation(used, "vector", (3,)), torch.tensor([1.0, 0.0, 0.75]))
-    assert torch.equal(attenuation(used, "any", (6, 2)), torch.zeros(1, 1))  # any unit used
-    assert torch.equal(
-        unit_view(torch.tensor([True, False]), "any", (2, 2)), torch.ones(1, 1).bool()
-    )
-    assert torch.equal(hard_gate(torch.tensor([-0.1, 0.0, 3.0])), torch.tensor([0.0, 0.0, 1.0]))
 
 
 def _host(module, batches=10):
