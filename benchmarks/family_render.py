@@ -80,7 +80,8 @@ def headline_table(results: dict[str, Any]) -> str:
     BWT, weights masked off, collapsed tasks (markdown, no caption)."""
     tasks, near = results["tasks"], results["near"]
     n = len([t for t in tasks if t not in near])
-    head = ["method", "lr ×", "seeds", f"mean ({n} domains)", *near, "S", "bytes / task"]
+    kind = "domains" if near else "tasks"  # image domains beside a near-ImageNet control
+    head = ["method", "lr ×", "seeds", f"mean ({n} {kind})", *near, "S", "bytes / task"]
     head += ["BWT", "masked off", "collapsed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ordered_stats(results):
@@ -117,17 +118,22 @@ def _distinct(runs: Sequence[dict[str, Any]], key: str) -> list[Any]:
     return sorted({str(r.get(key)) for r in runs if r.get(key) is not None})
 
 
+def _budget_text(b: dict[str, Any]) -> str:
+    """One budget in words; the image size and memory format only where there are images."""
+    size = f", {b['image_size']} px" if b.get("image_size") is not None else ""
+    layout = f", channels_last {b['channels_last']}" if b.get("image_size") is not None else ""
+    return (
+        f"{b.get('backbone')}{size}, {b.get('max_epochs')} epochs per task of at most "
+        f"{b.get('limit_train_batches')} batches of {b.get('batch_size')}, precision "
+        f"{b.get('precision')}{layout}"
+    )
+
+
 def provenance(results: dict[str, Any]) -> str:
     """Budget, seeds, lr grid and choice, dates, machines, torch, commits of the runs."""
     runs = [r for m in results["methods"].values() for r in m["runs"]]
     budgets = {tuple(sorted((r.get("budget") or {}).items())) for r in runs}
-    budget = "; ".join(
-        f"{b.get('backbone')}, {b.get('image_size')} px, {b.get('max_epochs')} epochs per task"
-        f" of at most {b.get('limit_train_batches')} batches of {b.get('batch_size')}, "
-        f"precision {b.get('precision')}, channels_last {b.get('channels_last')}"
-        for b in map(dict, sorted(budgets))
-        if b
-    )
+    budget = "; ".join(_budget_text(b) for b in map(dict, sorted(budgets)) if b)
     dates = sorted({str(r.get("date"))[:10] for r in runs if r.get("date")})
     when = " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else "undated"
     machines = sorted(
@@ -169,10 +175,11 @@ def caption(results: dict[str, Any]) -> str:
     """What the headline table's columns mean."""
     near = ", ".join(results["near"])
     apart = f", {near} (near ImageNet) is shown apart" if near else ""
+    kind = "domains" if near else "tasks"
     return (
         f"Test accuracy (%) after the whole sequence, mean ± standard deviation over seeds; "
-        f"the mean is over the domains{apart}. S: Visual "
-        f"Decathlon score over the domains against `{results['reference']}`'s seed-mean "
+        f"the mean is over the {kind}{apart}. S: Visual "
+        f"Decathlon score over the {kind} against `{results['reference']}`'s seed-mean "
         "accuracies (250 per domain for the reference's accuracy, 0 for twice its error). "
         "Bytes / task: what a task adds to the backbone (task_bytes), mean over the domains. "
         "BWT: backward transfer (points). Masked off: weights a task's mask switches off, "
