@@ -44,11 +44,11 @@ ZHAO = (
         "Zhao et al. 2020: masks on par with (a little below) fine-tuning",
     ),
 )
+_ZHAO_PAIRS = {(z.above, z.below) for z in ZHAO}
 TEXT_CLAIMS = ZHAO + tuple(
     c
     for c in CLAIMS
-    if "piggyback_bn" not in (c.above, c.below)
-    and (c.above, c.below) not in {(z.above, z.below) for z in ZHAO}
+    if "piggyback_bn" not in (c.above, c.below) and (c.above, c.below) not in _ZHAO_PAIRS
 )
 """The text protocol's claims: Zhao et al.'s (GLUE-style tasks on BERT/RoBERTa, no public
 code: PAPER.md), then the family's orderings that apply to a transformer (no BatchNorm, so

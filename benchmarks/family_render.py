@@ -75,13 +75,17 @@ def _grid_edge(grid: dict[str, float], row: dict[str, Any]) -> str:
     return " ↓" if row["lr_scale"] == min(scales) else ""
 
 
+def _kind(results: dict[str, Any]) -> str:
+    """What the tasks are called: image domains beside a near-ImageNet control, else tasks."""
+    return "domains" if results["near"] else "tasks"
+
+
 def headline_table(results: dict[str, Any]) -> str:
     """The headline table: accuracy over the domains, the near-ImageNet task(s), S, bytes,
     BWT, weights masked off, collapsed tasks (markdown, no caption)."""
     tasks, near = results["tasks"], results["near"]
     n = len([t for t in tasks if t not in near])
-    kind = "domains" if near else "tasks"  # image domains beside a near-ImageNet control
-    head = ["method", "lr ×", "seeds", f"mean ({n} {kind})", *near, "S", "bytes / task"]
+    head = ["method", "lr ×", "seeds", f"mean ({n} {_kind(results)})", *near, "S", "bytes / task"]
     head += ["BWT", "masked off", "collapsed"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in ordered_stats(results):
@@ -120,8 +124,9 @@ def _distinct(runs: Sequence[dict[str, Any]], key: str) -> list[Any]:
 
 def _budget_text(b: dict[str, Any]) -> str:
     """One budget in words; the image size and memory format only where there are images."""
-    size = f", {b['image_size']} px" if b.get("image_size") is not None else ""
-    layout = f", channels_last {b['channels_last']}" if b.get("image_size") is not None else ""
+    images = b.get("image_size") is not None
+    size = f", {b['image_size']} px" if images else ""
+    layout = f", channels_last {b['channels_last']}" if images else ""
     return (
         f"{b.get('backbone')}{size}, {b.get('max_epochs')} epochs per task of at most "
         f"{b.get('limit_train_batches')} batches of {b.get('batch_size')}, precision "
@@ -175,13 +180,13 @@ def caption(results: dict[str, Any]) -> str:
     """What the headline table's columns mean."""
     near = ", ".join(results["near"])
     apart = f", {near} (near ImageNet) is shown apart" if near else ""
-    kind = "domains" if near else "tasks"
+    kind = _kind(results)
     return (
         f"Test accuracy (%) after the whole sequence, mean ± standard deviation over seeds; "
         f"the mean is over the {kind}{apart}. S: Visual "
         f"Decathlon score over the {kind} against `{results['reference']}`'s seed-mean "
         "accuracies (250 per domain for the reference's accuracy, 0 for twice its error). "
-        "Bytes / task: what a task adds to the backbone (task_bytes), mean over the domains. "
+        f"Bytes / task: what a task adds to the backbone (task_bytes), mean over the {kind}. "
         "BWT: backward transfer (points). Masked off: weights a task's mask switches off, "
         "mean over tasks (- for methods without masks). Collapsed: tasks that ended with their "
         "training loss at chance (the collapse warning for their last epoch), as task and "

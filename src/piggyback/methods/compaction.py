@@ -199,8 +199,8 @@ class GoalCompaction(OwnedWeights):
         return False
 
     def _next_round(self, module: TrainingHost, epoch: int) -> None:
-        """A round boundary: prune further if the state just trained met the goal; grow (or
-        give up) if the task missed it before any pruning."""
+        """A round boundary: prune further if the state just trained met the goal; hand a
+        goal missed before any pruning to :meth:`missed_before_pruning`."""
         state = self.compaction
         state["slots"] += 1
         acc = state["val_acc"].get(epoch - 1)
