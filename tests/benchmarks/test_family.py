@@ -410,6 +410,19 @@ def test_the_scratch_protocol_trains_from_a_random_init_with_hats_own_init_on_th
     assert {"wsn", "hat", "packnet", "finetune_sequential"} <= set(methods)
 
 
+def test_the_split_protocol_is_the_scratch_one_from_the_pretrained_network(family):
+    split = yaml.safe_load(family.experiment_file("family_split").read_text())
+    scratch = yaml.safe_load(family.experiment_file("family_scratch").read_text())
+    assert "weights" not in split.get("backbone", {})  # the backbone's default: ImageNet
+    assert split["trainer"] == scratch["trainer"]
+    assert split["hydra"]["sweeper"] == scratch["hydra"]["sweeper"]
+    assert split["hydra"]["sweep"]["dir"] == "runs/family_split"
+    assert family.grid_variants(family.experiment_file("family_split"))["packnet"] == [
+        "method.prune=0.5",
+        "method.prune=0.25",
+    ]
+
+
 def test_one_method_under_two_settings_is_compared_seed_by_seed(family, runs, tmp_path, capsys):
     """``family.py compare``: e.g. fp32 against bf16, the paired difference against the seed
     spread."""
