@@ -15,7 +15,7 @@ the csv logger for the per-epoch validation, one ``train.py`` process per run in
 
 ``gather`` reads the runs into ``results/first_task_budget.json`` (test accuracy, the
 validation curve, the epoch of the prune: the first epoch whose mask flips) and prints a
-table: per budget each setting's test accuracy and its gap to fine-tuning, the validation just
+table: per budget each setting's test accuracy, its gap to fine-tuning and the validation just
 before the prune, right after it and at the end, and fine-tuning at two thirds of the budget
 (the steps PackNet trains before it prunes), where that run exists.
 """
@@ -178,29 +178,28 @@ def _pct(value: float | None) -> str:
 
 
 def table(runs: Sequence[dict[str, Any]], batches: int) -> str:
-    """Markdown: a row per budget and seed; per setting its test accuracy (gap to fine-tuning),
-    then the pruning setting's validation around its prune and fine-tuning at 2/3 budget."""
+    """Markdown: a row per budget and seed; per setting its test accuracy, its gap to
+    fine-tuning and, where it pruned, its validation just before the prune, right after it and
+    at the end; last, fine-tuning at 2/3 of the budget (the steps PackNet trains unpruned)."""
     settings = sorted({r["setting"] for r in runs} - {REFERENCE})
     by = {(r["setting"], r["epochs"], r["seed"]): r for r in runs}
-    head = ["epochs", "steps", REFERENCE, *settings, "val before → after prune → end",
-            f"{REFERENCE} at 2/3 budget"]  # fmt: skip
+    head = ["epochs", "steps", REFERENCE, *settings, f"{REFERENCE} at 2/3 budget"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for epochs, seed in sorted({(r["epochs"], r["seed"]) for r in runs}):
         ref = by.get((REFERENCE, epochs, seed))
         cells = [str(epochs), str(epochs * batches) if batches else "-", _pct(ref and ref["test"])]
-        around = "-"
         for setting in settings:
             run = by.get((setting, epochs, seed))
             if run is None:
                 cells.append("-")
                 continue
-            gap = f" ({100 * (run['test'] - ref['test']):+.1f})" if ref else ""
-            cells.append(_pct(run["test"]) + gap)
+            notes = [f"{100 * (run['test'] - ref['test']):+.1f}"] if ref else []
             at, curve = run["prune_epoch"], run["val_curve"]
             if at and at < len(curve):
-                around = f"{_pct(curve[at - 1])} → {_pct(curve[at])} → {_pct(curve[-1])}"
+                notes.append(f"val {_pct(curve[at - 1])} → {_pct(curve[at])} → {_pct(curve[-1])}")
+            cells.append(_pct(run["test"]) + (f" ({'; '.join(notes)})" if notes else ""))
         two_thirds = by.get((REFERENCE, round(epochs * 2 / 3), seed))
-        cells += [around, _pct(two_thirds and two_thirds["test"])]
+        cells.append(_pct(two_thirds and two_thirds["test"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -95,7 +95,8 @@ def test_gather_reads_prune_epoch_and_table_gaps(budget, tmp_path):
     assert runs[0]["prune_epoch"] is None
     rows = budget.table(runs, batches=15).splitlines()
     assert rows[0].startswith("| epochs | steps | finetune | packnet_prune0.5 |")
-    assert rows[3] == "| 3 | 45 | 90.0 | 75.0 (-15.0) | 80.0 → 70.0 → 70.0 | 85.0 |"
+    assert rows[3] == "| 3 | 45 | 90.0 | 75.0 (-15.0; val 80.0 → 70.0 → 70.0) | 85.0 |"
+    assert rows[2] == "| 2 | 30 | 85.0 | - | - |"
 
 
 def test_main_gather_writes_results_and_errors_exit_2(budget, tmp_path, capsys):
