@@ -320,13 +320,15 @@ def test_the_protocol_is_read_from_the_experiment(family):
     assert set(methods) == registered - {"piggyback_lean"}  # a memory variant of piggyback
 
 
-def test_readme_headline_table_is_what_the_committed_results_render_to(family):
-    results = REPO / "results" / "family.json"
+@pytest.mark.parametrize("experiment", ["family", "text_family", "family_split", "family_scratch"])
+def test_the_pages_are_what_the_committed_results_render_to(family, experiment):
+    """The README's headline table and every protocol's docs block (results/<name>.json)."""
+    results = REPO / "results" / f"{experiment}.json"
     if not results.is_file():
-        pytest.skip("results/family.json is not committed yet: benchmarks/family.py gather")
-    assert family.render(results, check=True, plots=False) == [], (
-        "README.md or docs/results.md differ from results/family.json: "
-        "python benchmarks/family.py render"
+        pytest.skip(f"results/{experiment}.json is not committed yet: benchmarks/family.py gather")
+    assert family.render(results, check=True, plots=False, experiment=experiment) == [], (
+        f"README.md or docs/results.md differ from results/{experiment}.json: "
+        f"python benchmarks/family.py --experiment {experiment} render"
     )
 
 
