@@ -34,6 +34,7 @@ from typing import Any
 
 import family
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
 from piggyback.utils.atomic import atomic_write_text
 
@@ -62,8 +63,11 @@ def parse_setting(spec: str) -> tuple[str, str, list[str]]:
 
 def experiment_tasks(experiment: str, overrides: Sequence[str] = ()) -> tuple[list[str], int]:
     """The experiment's task keys in order and its batches per epoch (``limit_train_batches``)."""
-    with initialize_config_dir(str(REPO / "conf"), version_base=None):
-        cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
+    try:
+        with initialize_config_dir(str(REPO / "conf"), version_base=None):
+            cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
+    except HydraException as exc:
+        raise BudgetError(f"experiment {experiment!r}: {exc}".splitlines()[0]) from None
     tasks = list(cfg.data.tasks) if "tasks" in cfg.data else []
     if not tasks:
         raise BudgetError(f"experiment {experiment!r} has no data.tasks to take the first of")

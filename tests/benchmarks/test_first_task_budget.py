@@ -113,3 +113,10 @@ def test_main_gather_writes_results_and_errors_exit_2(budget, tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         budget.main(["run", "--settings", "packnet:prune", "--out", str(tmp_path / "x")])
     assert stop.value.code == 2 and "expected method" in capsys.readouterr().err
+
+
+def test_an_unknown_experiment_exits_2_before_any_run(budget, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        budget.main(["--experiment", "nope", "run", "--out", str(tmp_path / "x")])
+    assert stop.value.code == 2 and "experiment 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
