@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import family
+import family_data
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
@@ -131,14 +132,15 @@ def run_all(
 
 
 def read_run(folder: Path) -> dict[str, Any] | None:
-    """One finished run: its setting, epochs, test accuracy, validation curve and prune epoch."""
+    """One finished single-task run (``family_data.run_record``, the family's reader of
+    metrics.json) with its validation curve and prune epoch from the csv logger."""
     try:
-        record = json.loads((folder / "metrics.json").read_text())
+        record = family_data.run_record(folder / "metrics.json")
     except (OSError, ValueError):
         return None
-    if "run" not in record or len(record.get("tasks", {})) != 1:
+    if record is None or len(record["tasks"]) != 1:
         return None
-    ((task, metrics),) = record["tasks"].items()
+    (task,) = record["tasks"]
     curve, flips = [], []
     for path in sorted((folder / "csv").glob("*/metrics.csv")):
         with path.open(newline="") as handle:
@@ -147,23 +149,22 @@ def read_run(folder: Path) -> dict[str, Any] | None:
                     curve.append(float(row["val/acc"]))
                 if row.get("masks/flipped"):
                     flips.append(float(row["masks/flipped"]))
-    prune_epoch = next((i for i, f in enumerate(flips) if f > 0), None)
     return {
         "setting": folder.parents[1].name,
-        "method": record["run"]["method"],
+        "method": record["method"],
         "task": task,
         "epochs": int(folder.parent.name.removeprefix("e")),
-        "seed": record["run"]["seed"],
-        "lr_scale": record["run"]["lr_scale"],
-        "test": metrics["test/acc"],
+        "seed": record["seed"],
+        "lr_scale": record["lr_scale"],
+        "test": record["test_final"][task],
         "val_curve": curve,
-        "prune_epoch": prune_epoch,
-        "task_bytes": metrics.get("task_bytes"),
-        "train_seconds": metrics.get("train_seconds"),
-        "date": record["run"]["date"],
-        "commit": record["run"]["commit"],
-        "machine": f"{record['run']['processor']}, {record['run']['cpu_count']} cores, "
-        f"{record['run']['threads']} thread(s)",
+        "prune_epoch": next((i for i, f in enumerate(flips) if f > 0), None),
+        "task_bytes": record["task_bytes"][task],
+        "train_seconds": record["train_seconds"][task],
+        "date": record["date"],
+        "commit": record["commit"],
+        "machine": f"{record['processor']}, {record['cpu_count']} cores, "
+        f"{record['threads']} thread(s)",
         "path": str(folder),
     }
 

@@ -24,13 +24,17 @@ def budget(monkeypatch):
 def write_run(
     folder: Path, method: str, test: float, val: list[float], flips: list[float] | None = None
 ) -> None:
-    """A finished single-task run: metrics.json (tasks + run blocks) and csv/<task>/metrics.csv
-    with an epoch-end training row (masks/flipped) and a validation row per epoch."""
+    """A finished single-task run: metrics.json (tasks, cl and run blocks) and
+    csv/<task>/metrics.csv with an epoch-end training row (masks/flipped) and a validation row
+    per epoch."""
     folder.mkdir(parents=True)
     run = {"method": method, "seed": 0, "lr_scale": 10.0, "date": "2026-12-08T00:00:00+00:00",
            "commit": "abc", "processor": "AMD EPYC", "cpu_count": 2, "threads": 1}  # fmt: skip
-    task = {"test/acc": test, "task_bytes": 1000, "train_seconds": 5.0}
-    (folder / "metrics.json").write_text(json.dumps({"tasks": {"signs": task}, "run": run}))
+    task = {"test/acc": test, "val/acc": val[-1]}
+    cl = {"tasks": ["signs"], "accuracy_matrix": [[test]], "task_bytes": {"signs": 1000},
+          "train_seconds": {"signs": 5.0}}  # fmt: skip
+    document = {"tasks": {"signs": task}, "cl": cl, "run": run}
+    (folder / "metrics.json").write_text(json.dumps(document))
     (folder / "csv" / "signs").mkdir(parents=True)
     fields = ["epoch", "masks/flipped", "val/acc"]
     with (folder / "csv" / "signs" / "metrics.csv").open("w", newline="") as handle:
