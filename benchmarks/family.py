@@ -67,18 +67,21 @@ def sweep_params(path: Path = EXPERIMENT) -> tuple[list[str], list[str], list[st
 
 def grid_variants(path: Path = EXPERIMENT) -> dict[str, list[str]]:
     """Per method, the grid points beyond the lr scale (``family_grid`` of the experiment:
-    ``{method: ["method.key=value", ...]}``), each tried at the method's chosen scale."""
+    ``{method: ["method.key=value", ...]}``; a point that sets several keys separates its
+    overrides by spaces), each tried at the method's chosen scale."""
     grid = yaml.safe_load(path.read_text()).get("family_grid") or {}
     return {method: [str(v) for v in values] for method, values in grid.items()}
 
 
 def run_dir(out: Path, method: str, scale: str, seed: str, variant: str = "") -> Path:
     """Where a run goes; the same layout as ``train.py -m experiment=family`` for the lr grid,
-    ``lr<scale>_<key><value>`` for a variant (``method.prune=0.5``: ``lr10_prune0.5``)."""
+    ``lr<scale>_<key><value>`` for a variant (``method.prune=0.5``: ``lr10_prune0.5``), one
+    ``_<key><value>`` per override of a variant that sets several, space-separated
+    (``method.grow=0.1 method.max_grows=8``: ``lr1_grow0.1_max_grows8``)."""
     suffix = ""
-    if variant:
-        key, _, value = variant.removeprefix("method.").partition("=")
-        suffix = f"_{key}{value}"
+    for override in variant.split():
+        key, _, value = override.removeprefix("method.").partition("=")
+        suffix += f"_{key}{value}"
     return out / method / f"lr{scale}{suffix}" / f"seed{seed}"
 
 
@@ -109,7 +112,7 @@ def train_command(
         f"experiment={experiment}",
         f"method={method}",
         f"method.lr_scale={scale}",
-        *([variant] if variant else []),
+        *variant.split(),
         f"seed={seed}",
         f"hydra.run.dir={folder}",
         "overwrite_artifacts=true",

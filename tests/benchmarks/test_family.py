@@ -80,7 +80,7 @@ def write_run(
         train_seconds=[r["train_seconds"] for r in records],
     )
     overrides = [f"method={method}", f"method.lr_scale={scale:g}", f"seed={seed}"]
-    overrides += [variant] if variant else []
+    overrides += variant.split()
     summary["run"] = run_info(
         cfg, lr={"head": 1e-4 * scale}, seconds=300.0, overrides=overrides,
         choices={"method": method},
@@ -287,6 +287,31 @@ def test_a_variant_is_tried_at_the_chosen_scale_and_chosen_on_validation(family,
     launched.clear()
     assert family.run_family(out, launch=launch, variants=variants, **kwargs) == []
     assert launched == []
+
+
+def test_a_variant_may_set_several_keys(family, tmp_path):
+    """``"method.grow=0.1 method.max_grows=8"``: both overrides reach train.py, the run has a
+    folder of its own, and the gathered variant names both keys."""
+    out = tmp_path / "runs"
+    launched = []
+
+    def launch(overrides: list[str], folder: Path) -> int:
+        launched.append(overrides)
+        options = dict(o.split("=", 1) for o in overrides)
+        variant = " ".join(o for o in overrides if o.startswith("method.grow"))
+        variant += " method.max_grows=8" if "method.max_grows" in options else ""
+        val = 0.9 if variant else 0.5
+        write_run(folder, "cpg", int(options["seed"]), float(options["method.lr_scale"]),
+                  (0.5, 0.5, 0.5), val=val, variant=variant.strip())  # fmt: skip
+        return 0
+
+    variants = {"cpg": ["method.grow=0.1 method.max_grows=8"]}
+    kwargs = {"methods": ["cpg"], "scales": ["1"], "seeds": ["0"]}
+    assert family.run_family(out, launch=launch, variants=variants, **kwargs) == []
+    assert "method.grow=0.1" in launched[1] and "method.max_grows=8" in launched[1]
+    assert (out / "cpg/lr1_grow0.1_max_grows8/seed0/metrics.json").is_file()
+    entry = family.family_data.gather([out])["methods"]["cpg"]
+    assert entry["variant"] == "grow=0.1,max_grows=8"
 
 
 def test_the_variants_are_read_from_the_experiment(family):
