@@ -298,11 +298,11 @@ def test_a_variant_may_set_several_keys(family, tmp_path):
     def launch(overrides: list[str], folder: Path) -> int:
         launched.append(overrides)
         options = dict(o.split("=", 1) for o in overrides)
-        variant = " ".join(o for o in overrides if o.startswith("method.grow"))
-        variant += " method.max_grows=8" if "method.max_grows" in options else ""
+        keys = ("method.grow", "method.max_grows")
+        variant = " ".join(o for o in overrides if o.split("=", 1)[0] in keys)
         val = 0.9 if variant else 0.5
         write_run(folder, "cpg", int(options["seed"]), float(options["method.lr_scale"]),
-                  (0.5, 0.5, 0.5), val=val, variant=variant.strip())  # fmt: skip
+                  (0.5, 0.5, 0.5), val=val, variant=variant)  # fmt: skip
         return 0
 
     variants = {"cpg": ["method.grow=0.1 method.max_grows=8"]}
